@@ -1,0 +1,199 @@
+"""The public clients: `ServiceClient` creates `TrainingClient`s; names follow Tinker's SDK.
+
+Every training call returns an `APIFuture` at once and executes in submission order, so a
+caller may submit `forward_backward` and `optim_step` back to back. Each call has an `_async`
+twin that returns the same future from a coroutine (await it once to submit, once more for the
+result), as Tinker's SDK does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bios.client.futures import APIFuture
+from bios.client.local import local_engine
+from bios.engine.engine import Engine
+from bios.models.loading import DEFAULT_MODEL
+from bios.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    LoadWeightsResponse,
+    LoraConfig,
+    ModelInput,
+    OptimStepResponse,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
+)
+
+
+class ServiceClient:
+    """Entry point. With no arguments the engine runs in this process (the embedded default)."""
+
+    def __init__(self, *, engine: Engine | None = None) -> None:
+        self._engine = engine if engine is not None else local_engine()
+
+    def create_lora_training_client(
+        self,
+        base_model: str = DEFAULT_MODEL,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        user_metadata: dict[str, str] | None = None,
+    ) -> TrainingClient:
+        """A LoRA run (alpha 32, B = 0 so it starts equal to the base model)."""
+        lora = LoraConfig(
+            rank=rank,
+            seed=seed,
+            train_mlp=train_mlp,
+            train_attn=train_attn,
+            train_unembed=train_unembed,
+        )
+        return TrainingClient(self._engine, self._engine.create_run(base_model, lora))
+
+    def create_full_training_client(self, base_model: str = DEFAULT_MODEL) -> TrainingClient:
+        """A full fine-tuning run: every weight of its own copy of the model is trained."""
+        return TrainingClient(self._engine, self._engine.create_run(base_model, None))
+
+    def create_training_client_from_state(
+        self, path: str, user_metadata: dict[str, str] | None = None
+    ) -> TrainingClient:
+        """A new run with the weights saved at `path`; the optimizer starts fresh."""
+        return TrainingClient(self._engine, self._engine.create_run_from_state(path, False))
+
+    def create_training_client_from_state_with_optimizer(
+        self, path: str, user_metadata: dict[str, str] | None = None
+    ) -> TrainingClient:
+        """A new run with the weights and the AdamW state saved at `path`."""
+        return TrainingClient(self._engine, self._engine.create_run_from_state(path, True))
+
+    async def create_lora_training_client_async(self, *args: Any, **kwargs: Any) -> TrainingClient:
+        return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+
+    async def create_full_training_client_async(self, *args: Any, **kwargs: Any) -> TrainingClient:
+        return await asyncio.to_thread(self.create_full_training_client, *args, **kwargs)
+
+    async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state, path)
+
+    async def create_training_client_from_state_with_optimizer_async(
+        self, path: str
+    ) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer, path)
+
+
+class TrainingClient:
+    """One training run: forward/backward, optimizer steps, checkpoints."""
+
+    def __init__(self, engine: Engine, model_id: str) -> None:
+        self._engine = engine
+        self.model_id = model_id
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def forward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Logprobs and loss without gradients."""
+        return APIFuture(
+            self._engine.forward_backward(self.model_id, data, loss_fn, loss_fn_config, False)
+        )
+
+    def forward_backward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Logprobs and loss; gradients accumulate until `optim_step`."""
+        return APIFuture(
+            self._engine.forward_backward(self.model_id, data, loss_fn, loss_fn_config, True)
+        )
+
+    def optim_step(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
+        """One AdamW step on the accumulated gradients; metrics hold grad_norm, learning_rate."""
+        return APIFuture(self._engine.optim_step(self.model_id, adam_params))
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def save_state(self, name: str, overwrite: bool = False) -> APIFuture[SaveWeightsResponse]:
+        """Weights and optimizer state at `bios://<run>/weights/<name>`."""
+        future = self._engine.save_state(self.model_id, name, "weights", overwrite)
+        return APIFuture.mapped(future, lambda path: SaveWeightsResponse(path=path))
+
+    def save_weights_for_sampler(
+        self, name: str, overwrite: bool = False
+    ) -> APIFuture[SaveWeightsForSamplerResponse]:
+        """Weights only, at `bios://<run>/sampler_weights/<name>`."""
+        future = self._engine.save_state(self.model_id, name, "sampler_weights", overwrite)
+        return APIFuture.mapped(future, lambda path: SaveWeightsForSamplerResponse(path=path))
+
+    def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Load weights from `path`; the optimizer state is reset."""
+        future = self._engine.load_state(self.model_id, path, with_optimizer=False)
+        return APIFuture.mapped(future, lambda p: LoadWeightsResponse(path=p))
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Load weights and AdamW state from `path`."""
+        future = self._engine.load_state(self.model_id, path, with_optimizer=True)
+        return APIFuture.mapped(future, lambda p: LoadWeightsResponse(path=p))
+
+    # ---- information and helpers --------------------------------------------------------------
+
+    def get_info(self) -> GetInfoResponse:
+        return self._engine.get_info(self.model_id)
+
+    def get_tokenizer(self):
+        """The base model's Hugging Face tokenizer."""
+        return self._engine.tokenizer(self.model_id)
+
+    def generate(
+        self, prompt: ModelInput | Sequence[int], max_tokens: int = 64
+    ) -> APIFuture[list[int]]:
+        """Greedy continuation of `prompt` with the current weights (token ids, stop excluded
+        only if the model never emitted it)."""
+        tokens = prompt.to_ints() if isinstance(prompt, ModelInput) else list(prompt)
+        return APIFuture(self._engine.generate(self.model_id, tokens, max_tokens))
+
+    # ---- async twins --------------------------------------------------------------------------
+
+    async def forward_async(self, *args: Any, **kwargs: Any) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward(*args, **kwargs)
+
+    async def forward_backward_async(
+        self, *args: Any, **kwargs: Any
+    ) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward_backward(*args, **kwargs)
+
+    async def optim_step_async(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
+        return self.optim_step(adam_params)
+
+    async def save_state_async(self, *args: Any, **kwargs: Any) -> APIFuture[SaveWeightsResponse]:
+        return self.save_state(*args, **kwargs)
+
+    async def save_weights_for_sampler_async(
+        self, *args: Any, **kwargs: Any
+    ) -> APIFuture[SaveWeightsForSamplerResponse]:
+        return self.save_weights_for_sampler(*args, **kwargs)
+
+    async def load_state_async(self, *args: Any, **kwargs: Any) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state(*args, **kwargs)
+
+    async def load_state_with_optimizer_async(
+        self, *args: Any, **kwargs: Any
+    ) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state_with_optimizer(*args, **kwargs)
+
+    async def get_info_async(self) -> GetInfoResponse:
+        return self.get_info()
+
+    async def generate_async(self, *args: Any, **kwargs: Any) -> APIFuture[list[int]]:
+        return self.generate(*args, **kwargs)

@@ -1,0 +1,111 @@
+"""Checkpoint paths and atomic checkpoint folders.
+
+`bios://<run_id>/weights/<name>` is a training state (weights and optimizer);
+`bios://<run_id>/sampler_weights/<name>` holds weights only. `tinker://` is accepted as a synonym.
+On disk both are folders under `<home>/runs/<run_id>/<kind>/<name>/`, written into a temporary
+folder, fsynced, and renamed into place, so a crash never leaves a half-written checkpoint
+under a real name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bios.errors import InvalidInputError, NotFoundError
+
+KINDS = ("weights", "sampler_weights")
+SCHEMES = ("bios://", "tinker://")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str, field: str = "name") -> str:
+    """Checkpoint and run names: 1-128 of letters, digits, `.`, `_`, `-`; no `..`."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise InvalidInputError(
+            field,
+            f"expected 1-128 characters of letters, digits, '.', '_' or '-' (not starting with "
+            f"a symbol, no '..'), got {name!r}",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class CheckpointPath:
+    run_id: str
+    kind: str  # "weights" | "sampler_weights"
+    name: str
+
+    def uri(self, scheme: str = "bios://") -> str:
+        return f"{scheme}{self.run_id}/{self.kind}/{self.name}"
+
+    def folder(self, home: Path) -> Path:
+        return home / "runs" / self.run_id / self.kind / self.name
+
+    @classmethod
+    def parse(cls, path: str, field: str = "path") -> CheckpointPath:
+        """Parse `bios://run/weights/name` (or `tinker://…`); errors name the expected form."""
+        expected = (
+            "expected bios://<run_id>/weights/<name> or bios://<run_id>/sampler_weights/<name>"
+        )
+        if not isinstance(path, str):
+            raise InvalidInputError(field, f"{expected}, got {path!r}")
+        scheme = next((s for s in SCHEMES if path.startswith(s)), None)
+        parts = path[len(scheme) :].split("/") if scheme else []
+        if len(parts) != 3 or parts[1] not in KINDS:
+            raise InvalidInputError(field, f"{expected}, got {path!r}")
+        run_id, kind, name = parts
+        check_name(run_id, field)
+        check_name(name, field)
+        return cls(run_id, kind, name)
+
+
+def checkpoint_folder(home: Path, path: str, field: str = "path") -> Path:
+    """The folder of an existing checkpoint given its URI."""
+    folder = CheckpointPath.parse(path, field).folder(home)
+    if not folder.is_dir():
+        raise NotFoundError(f"{field}: no checkpoint at {path}")
+    return folder
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success fsync it and rename it to `target`.
+
+    On an exception the temporary folder is removed and `target` is untouched.
+    """
+    if target.exists() and not overwrite:
+        raise InvalidInputError("name", f"a checkpoint already exists at {target.name!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        for file in staging.iterdir():
+            _fsync(file)
+        _fsync(staging)
+        if target.exists():
+            trash = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(target, trash)
+            os.replace(staging, target)
+            shutil.rmtree(trash)
+        else:
+            os.replace(staging, target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,199 @@
+"""The engine: base-model workers, the runs on them, and the requests a client can make.
+
+Requests are validated in the caller's thread, before they are queued, so a bad request raises
+at once and changes nothing; valid requests return a `concurrent.futures.Future` that the
+model's worker completes in submission order.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+
+from bios.engine.batch import pack_batch, resolve_config, resolve_objective
+from bios.engine.checkpoints import CheckpointPath, atomic_folder, check_name, checkpoint_folder
+from bios.engine.runs import STATE_FILE, TrainingRun
+from bios.engine.worker import ModelWorker
+from bios.errors import InvalidInputError, NotFoundError
+from bios.models.loading import bios_home, load_model, resolve_model_path
+from bios.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    LoraConfig,
+    ModelData,
+    OptimStepResponse,
+)
+
+
+class Engine:
+    """Holds one worker per base model and routes each run's requests to it."""
+
+    _default: Engine | None = None
+    _default_lock = threading.Lock()
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = Path(home) if home is not None else bios_home()
+        self._workers: dict[str, ModelWorker] = {}
+        self._run_workers: dict[str, ModelWorker] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def default(cls) -> Engine:
+        """The process-wide engine used by `ServiceClient()`, so runs share base weights."""
+        with cls._default_lock:
+            if cls._default is None:
+                cls._default = cls()
+            return cls._default
+
+    # ---- models and runs ----------------------------------------------------------------------
+
+    def worker(self, base_model: str) -> ModelWorker:
+        """The worker of `base_model`, loading the model the first time it is asked for."""
+        if not isinstance(base_model, str) or not base_model:
+            raise InvalidInputError(
+                "base_model", f"expected a model name or path, got {base_model!r}"
+            )
+        key = str(resolve_model_path(base_model))
+        with self._lock:
+            if key not in self._workers:
+                self._workers[key] = ModelWorker(load_model(base_model))
+            return self._workers[key]
+
+    def run(self, run_id: str) -> TrainingRun:
+        worker = self._run_workers.get(run_id)
+        if worker is None:
+            raise NotFoundError(f"model_id: no training run {run_id!r}")
+        return worker.runs[run_id]
+
+    def create_run(self, base_model: str, lora: LoraConfig | None) -> str:
+        """A new LoRA run (`lora` given) or full fine-tuning run on `base_model`."""
+        if lora is not None and lora.rank <= 0:
+            raise InvalidInputError("rank", f"expected a positive integer, got {lora.rank}")
+        worker = self.worker(base_model)
+        run_id = uuid.uuid4().hex[:16]
+        full_model = None if lora is not None else load_model(base_model).model
+        # Built on the worker thread: it reads the shared model, which other runs may be using.
+        run = worker.submit(TrainingRun, run_id, base_model, worker.host, lora, full_model).result()
+        with self._lock:
+            worker.runs[run_id] = run
+            self._run_workers[run_id] = worker
+        return run_id
+
+    def create_run_from_state(self, path: str, with_optimizer: bool) -> str:
+        """A new run with the settings, weights (and optionally optimizer) of a saved state."""
+        folder = checkpoint_folder(self.home, path)
+        saved = json.loads((folder / STATE_FILE).read_text())
+        lora = LoraConfig(**saved["lora"]) if saved["lora"] is not None else None
+        run_id = self.create_run(saved["base_model"], lora)
+        try:
+            self.load_state(run_id, path, with_optimizer).result()
+        except BaseException:
+            self._forget(run_id)
+            raise
+        return run_id
+
+    def _forget(self, run_id: str) -> None:
+        with self._lock:
+            worker = self._run_workers.pop(run_id)
+            del worker.runs[run_id]
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def forward_backward(
+        self,
+        run_id: str,
+        data: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None = None,
+        backward: bool = True,
+    ) -> Future[ForwardBackwardOutput]:
+        run, worker = self.run(run_id), self._run_workers[run_id]
+        objective = resolve_objective(loss_fn)
+        config = resolve_config(objective, loss_fn_config)
+        batch = pack_batch(data, objective, worker.vocab_size, worker.max_length)
+        return worker.submit(run.forward_backward, batch, objective, config, backward)
+
+    def optim_step(self, run_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
+        run = self.run(run_id)
+        if not isinstance(adam_params, AdamParams):
+            raise InvalidInputError("adam_params", f"expected AdamParams, got {adam_params!r}")
+        return self._run_workers[run_id].submit(run.optim_step, adam_params)
+
+    def save_state(
+        self, run_id: str, name: str, kind: str = "weights", overwrite: bool = False
+    ) -> Future[str]:
+        """Save weights (+ optimizer for kind "weights") atomically; the future gives the URI."""
+        run = self.run(run_id)
+        path = CheckpointPath(run_id, kind, check_name(name))
+        folder = path.folder(self.home)
+        if folder.exists() and not overwrite:
+            raise InvalidInputError("name", f"{path.uri()} already exists")
+
+        def save() -> str:
+            with atomic_folder(folder, overwrite=overwrite) as staging:
+                run.save(staging, with_optimizer=kind == "weights")
+            return path.uri()
+
+        return self._run_workers[run_id].submit(save)
+
+    def load_state(self, run_id: str, path: str, with_optimizer: bool) -> Future[str]:
+        run = self.run(run_id)
+        folder = checkpoint_folder(self.home, path)
+        saved = json.loads((folder / STATE_FILE).read_text())
+        if saved["base_model"] != run.base_model:
+            raise InvalidInputError(
+                "path",
+                f"checkpoint is of base model {saved['base_model']!r}, "
+                f"run is of {run.base_model!r}",
+            )
+        if with_optimizer and CheckpointPath.parse(path).kind != "weights":
+            raise InvalidInputError(
+                "path", "sampler weights hold no optimizer state; use a weights/ path"
+            )
+
+        def load() -> str:
+            run.load(folder, with_optimizer)
+            return path
+
+        return self._run_workers[run_id].submit(load)
+
+    def get_info(self, run_id: str) -> GetInfoResponse:
+        run = self.run(run_id)
+        loaded = self._run_workers[run_id].loaded
+        return GetInfoResponse(
+            model_data=ModelData(
+                arch=loaded.model.config.model_type,
+                model_name=run.base_model,
+                tokenizer_id=run.base_model,
+            ),
+            model_id=run_id,
+            is_lora=run.is_lora,
+            lora_rank=run.lora.rank if run.lora is not None else None,
+            model_name=run.base_model,
+        )
+
+    def tokenizer(self, run_id: str):
+        self.run(run_id)
+        return self._run_workers[run_id].loaded.tokenizer
+
+    def generate(self, run_id: str, tokens: Sequence[int], max_tokens: int) -> Future[list[int]]:
+        run, worker = self.run(run_id), self._run_workers[run_id]
+        tokens = list(tokens)
+        if not tokens:
+            raise InvalidInputError("prompt", "is empty")
+        if max_tokens <= 0:
+            raise InvalidInputError("max_tokens", f"expected a positive integer, got {max_tokens}")
+        bad = [t for t in tokens if not 0 <= t < worker.vocab_size]
+        if bad:
+            raise InvalidInputError("prompt", f"token id {bad[0]} is outside the vocabulary")
+        eos = worker.loaded.model.generation_config.eos_token_id
+        stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if worker.loaded.tokenizer.eos_token_id is not None:
+            stop_ids.append(worker.loaded.tokenizer.eos_token_id)
+        return worker.submit(run.generate, tokens, max_tokens, sorted(set(stop_ids)))

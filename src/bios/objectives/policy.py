@@ -1,0 +1,79 @@
+"""Maximising rewards: policy-gradient objectives on samples drawn from a sampler q.
+
+All take per-token `logprobs` (log p_θ of the targets, with gradient), the sampler's `logprobs`
+(log q, as `inputs["logprobs"]`) and `advantages` A (0 on prompt tokens). The ratio is
+r_t = exp(log p_θ(x_t) - log q(x_t)). Token losses are summed, never averaged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bios.objectives.base import Inputs, LossOutput
+
+
+def _ratio(logprobs: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    return torch.exp(logprobs - inputs["logprobs"])
+
+
+def _clip_bounds(inputs: Inputs, config: dict[str, float], low: float, high: float):
+    """Per-token thresholds from `loss_fn_inputs` win over scalars from `loss_fn_config`."""
+    lo = inputs.get("clip_low_threshold", config.get("clip_low_threshold", low))
+    hi = inputs.get("clip_high_threshold", config.get("clip_high_threshold", high))
+    return lo, hi
+
+
+def _clamp(ratio: torch.Tensor, lo, hi) -> torch.Tensor:
+    return torch.minimum(torch.maximum(ratio, torch.as_tensor(lo)), torch.as_tensor(hi))
+
+
+def importance_sampling(
+    logprobs: torch.Tensor, inputs: Inputs, config: dict[str, float]
+) -> LossOutput:
+    """Importance-weighted policy gradient.
+
+    L = -Σ_t r_t · A_t
+    """
+    loss = -(_ratio(logprobs, inputs) * inputs["advantages"]).sum()
+    return loss, {}
+
+
+def ppo(logprobs: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> LossOutput:
+    """Clipped-ratio policy gradient (PPO), lo/hi default 0.8/1.2.
+
+    L = -Σ_t min(r_t · A_t, clip(r_t, lo, hi) · A_t)
+    """
+    ratio = _ratio(logprobs, inputs)
+    advantages = inputs["advantages"]
+    lo, hi = _clip_bounds(inputs, config, 0.8, 1.2)
+    clipped = _clamp(ratio, lo, hi)
+    loss = -torch.minimum(ratio * advantages, clipped * advantages).sum()
+    with torch.no_grad():
+        active = advantages != 0
+        was_clipped = (clipped != ratio) & active
+        clip_fraction = was_clipped.sum() / active.sum().clamp(min=1)
+    return loss, {"clip_fraction:mean": float(clip_fraction)}
+
+
+def cispo(logprobs: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> LossOutput:
+    """Clipped importance-sampling policy optimisation (CISPO), lo/hi default 0.8/1.2.
+
+        L = -Σ_t sg(clip(r_t, lo, hi)) · log p_θ(x_t) · A_t
+
+    The clipped ratio is a constant weight (stop-gradient), so every token keeps a gradient.
+    """
+    lo, hi = _clip_bounds(inputs, config, 0.8, 1.2)
+    weight = _clamp(_ratio(logprobs, inputs), lo, hi).detach()
+    loss = -(weight * logprobs * inputs["advantages"]).sum()
+    return loss, {}
+
+
+def dro(logprobs: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> LossOutput:
+    """Direct reward optimisation with a quadratic penalty (β from `loss_fn_config["beta"]`).
+
+    L = -Σ_t [log p_θ(x_t) · A_t - ½ β (log p_θ(x_t) - log q(x_t))²]
+    """
+    beta = config["beta"]
+    penalty = 0.5 * beta * (logprobs - inputs["logprobs"]) ** 2
+    loss = -(logprobs * inputs["advantages"] - penalty).sum()
+    return loss, {}

@@ -1,0 +1,219 @@
+"""Data types of the client API and the wire (pydantic v2).
+
+Names and fields follow Tinker's SDK so that a training loop written for it ports by changing the
+import. Tensors travel as `TensorData` (a flat list plus dtype and shape); `Datum` accepts torch
+tensors, numpy arrays and plain lists for its `loss_fn_inputs` and converts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AdamParams",
+    "Datum",
+    "EncodedTextChunk",
+    "ForwardBackwardOutput",
+    "GetInfoResponse",
+    "LoadWeightsResponse",
+    "LoraConfig",
+    "LossFnType",
+    "ModelData",
+    "ModelInput",
+    "OptimStepResponse",
+    "SaveWeightsForSamplerResponse",
+    "SaveWeightsResponse",
+    "TensorData",
+]
+
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+
+# dtype given to plain Python lists by key, as Tinker's SDK does.
+_KEY_DTYPE: dict[str, str] = {
+    "target_tokens": "int64",
+    "weights": "float32",
+    "advantages": "float32",
+    "logprobs": "float32",
+    "clip_low_threshold": "float32",
+    "clip_high_threshold": "float32",
+}
+
+_NUMPY_DTYPE = {"int64": np.int64, "float32": np.float32}
+_TORCH_DTYPE = {"int64": torch.int64, "float32": torch.float32}
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class EncodedTextChunk(_Base):
+    """A run of token ids."""
+
+    tokens: list[int]
+    type: Literal["encoded_text"] = "encoded_text"
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class ModelInput(_Base):
+    """The tokens a model reads, as a list of chunks (only text chunks in Bios today)."""
+
+    chunks: list[EncodedTextChunk] = Field(default_factory=list)
+
+    @classmethod
+    def from_ints(cls, tokens: Sequence[int]) -> ModelInput:
+        return cls(chunks=[EncodedTextChunk(tokens=[int(t) for t in tokens])])
+
+    @classmethod
+    def empty(cls) -> ModelInput:
+        return cls(chunks=[])
+
+    def to_ints(self) -> list[int]:
+        return [t for chunk in self.chunks for t in chunk.tokens]
+
+    @property
+    def length(self) -> int:
+        return sum(chunk.length for chunk in self.chunks)
+
+    def append(self, chunk: EncodedTextChunk) -> ModelInput:
+        return ModelInput(chunks=[*self.chunks, chunk])
+
+    def append_int(self, token: int) -> ModelInput:
+        return self.append(EncodedTextChunk(tokens=[int(token)]))
+
+
+class TensorData(_Base):
+    """A dense tensor as a flat list, a dtype (`int64` or `float32`) and a shape."""
+
+    data: list[int] | list[float]
+    dtype: Literal["int64", "float32"]
+    shape: list[int] | None = None
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> TensorData:
+        if array.dtype.kind in "iub":
+            dtype = "int64"
+        elif array.dtype.kind == "f":
+            dtype = "float32"
+        else:
+            raise TypeError(f"TensorData: unsupported numpy dtype {array.dtype}")
+        array = np.asarray(array, dtype=_NUMPY_DTYPE[dtype])
+        return cls(data=array.reshape(-1).tolist(), dtype=dtype, shape=list(array.shape))
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> TensorData:
+        tensor = tensor.detach().cpu()
+        if tensor.dtype in (torch.bfloat16, torch.float16, torch.float64):
+            tensor = tensor.float()
+        return cls.from_numpy(tensor.numpy())
+
+    def to_numpy(self) -> np.ndarray:
+        array = np.asarray(self.data, dtype=_NUMPY_DTYPE[self.dtype])
+        return array.reshape(self.shape) if self.shape is not None else array
+
+    def to_torch(self) -> torch.Tensor:
+        tensor = torch.tensor(self.data, dtype=_TORCH_DTYPE[self.dtype])
+        return tensor.reshape(self.shape) if self.shape is not None else tensor
+
+    def tolist(self) -> list[Any]:
+        return self.to_numpy().tolist()
+
+
+def _to_tensor_data(key: str, value: Any) -> Any:
+    if isinstance(value, TensorData | dict):
+        return value
+    if isinstance(value, torch.Tensor):
+        return TensorData.from_torch(value)
+    if isinstance(value, np.ndarray):
+        return TensorData.from_numpy(value)
+    if isinstance(value, list | tuple):
+        array = np.asarray(value)
+        if array.dtype.kind not in "iuf" and len(value) > 0:
+            raise ValueError(f"loss_fn_inputs[{key!r}]: expected a list of numbers")
+        dtype = _KEY_DTYPE.get(key, "int64" if array.dtype.kind in "iu" else "float32")
+        return TensorData.from_numpy(array.astype(_NUMPY_DTYPE[dtype]))
+    return value
+
+
+class Datum(_Base):
+    """One training example: the model input and the per-token inputs of the objective."""
+
+    model_input: ModelInput
+    loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
+
+    @field_validator("loss_fn_inputs", mode="before")
+    @classmethod
+    def _convert_arrays(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: _to_tensor_data(key, item) for key, item in value.items()}
+        return value
+
+
+class AdamParams(_Base):
+    """AdamW settings for one `optim_step` (weight decay is decoupled; clip 0 means off)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    learning_rate: float = Field(default=1e-4, ge=0.0)
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    eps: float = Field(default=1e-12, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    grad_clip_norm: float = Field(default=0.0, ge=0.0)
+
+
+class LoraConfig(_Base):
+    rank: int = 32
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class ForwardBackwardOutput(_Base):
+    """Per-datum outputs (`logprobs` of the targets, fp32) and metrics named `name:reduction`."""
+
+    loss_fn_output_type: str = "TensorData"
+    loss_fn_outputs: list[dict[str, TensorData]]
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class OptimStepResponse(_Base):
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelData(_Base):
+    arch: str | None = None
+    model_name: str | None = None
+    tokenizer_id: str | None = None
+
+
+class GetInfoResponse(_Base):
+    type: Literal["get_info"] = "get_info"
+    model_data: ModelData
+    model_id: str
+    is_lora: bool | None = None
+    lora_rank: int | None = None
+    model_name: str | None = None
+
+
+class SaveWeightsResponse(_Base):
+    path: str
+    type: Literal["save_weights"] = "save_weights"
+
+
+class SaveWeightsForSamplerResponse(_Base):
+    path: str | None = None
+    type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
+
+
+class LoadWeightsResponse(_Base):
+    path: str | None = None
+    type: Literal["load_weights"] = "load_weights"

@@ -1,0 +1,50 @@
+"""Test helpers: random data for each objective, reference logprobs, state fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from bios.engine.runs import TrainingRun
+from bios.types import Datum, ModelInput
+
+
+def random_datum(
+    vocab: int, length: int, loss_fn: str, generator: torch.Generator, **extra: torch.Tensor
+) -> Datum:
+    """A datum of `length` random tokens with every input `loss_fn` needs."""
+    tokens = torch.randint(0, vocab, (length + 1,), generator=generator)
+    inputs: dict[str, torch.Tensor] = {"target_tokens": tokens[1:]}
+    if loss_fn == "cross_entropy":
+        inputs["weights"] = torch.rand(length, generator=generator)
+    else:
+        # Near a tiny random model's own logprobs (about -log 384), as a sampler's would be, so
+        # ratios spread around 1 and both PPO clip bounds are exercised.
+        inputs["logprobs"] = -6.0 + 0.3 * torch.randn(length, generator=generator)
+        inputs["advantages"] = torch.randn(length, generator=generator)
+    inputs.update(extra)
+    return Datum(model_input=ModelInput.from_ints(tokens[:-1].tolist()), loss_fn_inputs=inputs)
+
+
+def reference_logprobs(model: torch.nn.Module, datum: Datum) -> torch.Tensor:
+    """log_softmax of a plain transformers forward of one datum, gathered at its targets."""
+    input_ids = torch.tensor([datum.model_input.to_ints()])
+    logits = model(input_ids=input_ids).logits[0].float()
+    targets = datum.loss_fn_inputs["target_tokens"].to_torch()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+def state_fingerprint(run: TrainingRun) -> str:
+    """A hash of the run's weights, accumulated gradients and optimizer state."""
+    digest = hashlib.sha256()
+    for name, param in run.parameters.items():
+        digest.update(name.encode())
+        digest.update(param.detach().numpy().tobytes())
+        if param.grad is not None:
+            digest.update(param.grad.numpy().tobytes())
+        for key, value in sorted(run.optimizer.state.get(param, {}).items()):
+            digest.update(key.encode())
+            digest.update(torch.as_tensor(value).numpy().tobytes())
+    digest.update(str(run.steps).encode())
+    return digest.hexdigest()
