@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -106,9 +108,10 @@ def test_catalog_lookup_is_case_insensitive_and_matches_the_short_name() -> None
 
 
 def test_catalog_covers_the_lines_with_consistent_rows() -> None:
-    families = {spec.family for spec in catalog.CATALOG.values()}
+    assert len({spec.name for spec in catalog.CATALOG}) == len(catalog.CATALOG) == 39
+    families = {spec.family for spec in catalog.CATALOG}
     assert families == set(catalog.FAMILIES)
-    for spec in catalog.CATALOG.values():
+    for spec in catalog.CATALOG:
         assert isinstance(spec, ModelSpec)
         assert spec.num_params > 10 * spec.hidden_size**2  # a real model, not a typo
         assert spec.num_layers > 0 and spec.context_length >= 8192
@@ -242,6 +245,7 @@ def test_unknown_name_lists_every_place_tried(private_caches: Path) -> None:
     assert "GGUF file" in message
     assert "bundled default" in message and DEFAULT_MODEL in message
     assert len(caught.value.tried) == 4
+    assert str(pickle.loads(pickle.dumps(caught.value))) == message
     with pytest.raises(ModelNotFoundError, match="not found"):
         resolve_model_path(str(private_caches / "missing.gguf"))
 
@@ -401,9 +405,16 @@ def test_crashed_conversion_leaves_nothing_to_reuse(
     monkeypatch.setattr(loading, "_convert_gguf", _fake_converter(calls))
     folder = resolve_model_path(str(gguf_file))
     assert len(calls) == 2 and folder.parent == converted
+    # A build killed outright (no `except` ran) leaves its temporary folder; the next clears it.
+    shutil.rmtree(folder)
+    stale = converted / f".{folder.name}.tmp-killed"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    assert resolve_model_path(str(gguf_file)) == folder and len(calls) == 3
+    assert sorted(p.name for p in converted.iterdir()) == [folder.name]
     gguf_file.write_bytes(b"GGUF v2")  # a changed file is a different model
     os.utime(gguf_file, ns=(0, 0))
-    assert resolve_model_path(str(gguf_file)) != folder and len(calls) == 3
+    assert resolve_model_path(str(gguf_file)) != folder and len(calls) == 4
 
 
 def test_concurrent_resolutions_convert_once(
@@ -457,6 +468,26 @@ def test_default_model_is_placed_in_both_caches(
     # transformers itself finds it by hub id (given the cache, as its constants are import-time)
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL, cache_dir=repo.parent)
     assert tokenizer.encode("hi") == load_tokenizer(DEFAULT_MODEL).encode("hi")
+
+
+@needs_default_package
+def test_default_model_is_rebuilt_when_its_files_vanish(
+    tiny_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache cleanup that deletes the weights must not leave a folder that is trusted later."""
+    calls: list[Path] = []
+
+    def convert(gguf: Path, out: Path, name: str) -> None:
+        calls.append(out)
+        for file in (tiny_root / "qwen3").iterdir():
+            (out / file.name).write_bytes(file.read_bytes())
+
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    first = resolve_model_path(DEFAULT_MODEL)
+    (bios_home() / "models" / DEFAULT_MODEL / "model.safetensors").unlink()
+    assert not (first / "model.safetensors").exists()  # the snapshot's link now dangles
+    assert resolve_model_path(DEFAULT_MODEL) == first and len(calls) == 2
+    assert load_model(DEFAULT_MODEL).spec.family == "qwen3"  # hidden size differs from the row
 
 
 def test_a_real_download_of_the_default_wins(

@@ -87,9 +87,9 @@ def _specs() -> list[ModelSpec]:
     return rows
 
 
-CATALOG: dict[str, ModelSpec] = {spec.name: spec for spec in _specs()}
-_BY_ID = {name.lower(): spec for name, spec in CATALOG.items()}
-_BY_SHORT = {name.rsplit("/", 1)[-1].lower(): spec for name, spec in CATALOG.items()}
+CATALOG: tuple[ModelSpec, ...] = tuple(_specs())  # in listing order: family, then size
+_BY_ID = {spec.name.lower(): spec for spec in CATALOG}
+_BY_SHORT = {spec.name.rsplit("/", 1)[-1].lower(): spec for spec in CATALOG}
 
 
 def lookup(name: str) -> ModelSpec | None:

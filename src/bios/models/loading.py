@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ class ModelNotFoundError(NotFoundError, FileNotFoundError):
         lines = "\n".join(f"  - {place}" for place in tried)
         super().__init__(f"Model {name!r} not found on this machine. Tried:\n{lines}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # survives pickling (worker processes, the server)
+        return type(self), (self.name, self.tried)
+
 
 def resolve_model_path(name: str) -> Path:
     """A local Hugging Face model folder (config, safetensors, tokenizer) for `name`.
@@ -78,7 +82,8 @@ def resolve_model_path(name: str) -> Path:
     path = Path(name).expanduser()
     if _is_model_folder(path):
         return path.resolve()
-    tried.append(f"local folder {path}: " + ("no config.json" if path.is_dir() else "not a folder"))
+    problem = "no config.json with weights" if path.is_dir() else "not a folder"
+    tried.append(f"local folder {path}: {problem}")
 
     cache = hf_hub_cache()
     snapshot = _hub_snapshot(name, cache)
@@ -162,15 +167,12 @@ def _remove(path: Path) -> None:
 
 def _fsync_folder(folder: Path) -> None:
     """Flush contents before the rename, so a power cut cannot leave empty files in place."""
-    for file in folder.iterdir():
-        if file.is_file() and not file.is_symlink():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    for entry in [*folder.iterdir(), folder]:
+        descriptor = os.open(entry, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -291,27 +293,20 @@ def install_in_hub_cache(repo_id: str, folder: Path) -> Path:
     provenance = folder / _PROVENANCE
     seed = provenance.read_bytes() if provenance.is_file() else str(folder.resolve()).encode()
     revision = hashlib.sha1(repo_id.encode() + b"\0" + seed).hexdigest()
-    snapshot = repo / "snapshots" / revision
-    with _locked(str(repo)):
-        existing = _hub_snapshot(repo_id, cache)
-        if existing is not None:
-            return existing
-        snapshot.parent.mkdir(parents=True, exist_ok=True)
-        (repo / "refs").mkdir(exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=snapshot.parent))
-        tmp.chmod(0o755)
+
+    def link(out: Path) -> None:
         for file in sorted(folder.iterdir()):
             if file.is_file() and file.name != _PROVENANCE:
                 try:
-                    (tmp / file.name).symlink_to(file.resolve())
+                    (out / file.name).symlink_to(file.resolve())
                 except OSError:
-                    shutil.copy2(file, tmp / file.name)
-        if snapshot.exists():
-            _remove(snapshot)
-        os.replace(tmp, snapshot)
-        ref = repo / "refs" / f".main.tmp-{os.getpid()}"
-        ref.write_text(revision)
-        os.replace(ref, repo / "refs" / "main")
+                    shutil.copy2(file, out / file.name)
+
+    snapshot = _build_once(repo / "snapshots" / revision, link)
+    (repo / "refs").mkdir(exist_ok=True)
+    ref = repo / "refs" / f".main.tmp-{os.getpid()}-{threading.get_ident()}"
+    ref.write_text(revision)
+    os.replace(ref, repo / "refs" / "main")
     return snapshot
 
 

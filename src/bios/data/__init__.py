@@ -1,0 +1,1 @@
+"""Turning data (chat conversations, prompt/completion pairs) into `Datum`s."""
