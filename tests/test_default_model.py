@@ -23,7 +23,8 @@ def training():
 
 def test_default_model_answers_a_simple_question(training):
     tokenizer = training.get_tokenizer()
-    prompt = render_prompt(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    question = {"role": "user", "content": "What is the capital of France?"}
+    prompt = render_prompt(tokenizer, [question])
     answer = tokenizer.decode(training.generate(ModelInput.from_ints(prompt), 20).result())
     assert "Paris" in answer
 

@@ -64,9 +64,12 @@ def _extend(tokens: list[int], weights: list[float], rendered: list[int], weight
 
 
 def conversation_to_datum(
-    tokenizer, messages: Sequence[Message], train_on: str = "assistant", max_length: int | None = None
+    tokenizer,
+    messages: Sequence[Message],
+    train_on: str = "assistant",
+    max_length: int | None = None,
 ) -> Datum:
-    """A `cross_entropy` Datum: inputs = tokens[:-1], targets = tokens[1:], weights shifted alike."""
+    """A `cross_entropy` Datum: inputs = tokens[:-1], targets = tokens[1:], weights alike."""
     tokens, weights = render_conversation(tokenizer, messages, train_on)
     if max_length is not None:
         tokens, weights = tokens[: max_length + 1], weights[: max_length + 1]
