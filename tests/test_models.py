@@ -370,7 +370,7 @@ def test_gguf_is_converted_once(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
     def must_not_run(*args: object) -> None:
         raise AssertionError("converted a second time")
 
-    monkeypatch.setattr(loading, "_convert_gguf", must_not_run)
+    monkeypatch.setattr(loading, "convert_gguf_to_folder", must_not_run)
     assert resolve_model_path(str(tiny_gguf)) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert not [p for p in first.parent.iterdir() if ".tmp-" in p.name]
@@ -396,13 +396,13 @@ def test_crashed_conversion_leaves_nothing_to_reuse(
     gguf_file = tmp_path / "crash.gguf"
     gguf_file.write_bytes(b"GGUF")
     calls: list[Path] = []
-    monkeypatch.setattr(loading, "_convert_gguf", _fake_converter(calls, fail=True))
+    monkeypatch.setattr(loading, "convert_gguf_to_folder", _fake_converter(calls, fail=True))
     with pytest.raises(RuntimeError, match="half way"):
         resolve_model_path(str(gguf_file))
     converted = bios_home() / "models" / "gguf"
     assert list(converted.iterdir()) == []  # neither the target nor the temporary folder
 
-    monkeypatch.setattr(loading, "_convert_gguf", _fake_converter(calls))
+    monkeypatch.setattr(loading, "convert_gguf_to_folder", _fake_converter(calls))
     folder = resolve_model_path(str(gguf_file))
     assert len(calls) == 2 and folder.parent == converted
     # A build killed outright (no `except` ran) leaves its temporary folder; the next clears it.
@@ -423,7 +423,7 @@ def test_concurrent_resolutions_convert_once(
     gguf_file = tmp_path / "race.gguf"
     gguf_file.write_bytes(b"GGUF")
     calls: list[Path] = []
-    monkeypatch.setattr(loading, "_convert_gguf", _fake_converter(calls, delay=0.3))
+    monkeypatch.setattr(loading, "convert_gguf_to_folder", _fake_converter(calls, delay=0.3))
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(resolve_model_path(str(gguf_file))))
@@ -457,7 +457,7 @@ def test_default_model_is_placed_in_both_caches(
         for file in (tiny_root / "llama").iterdir():
             (out / file.name).write_bytes(file.read_bytes())
 
-    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    monkeypatch.setattr(loading, "convert_gguf_to_folder", convert)
     first = resolve_model_path("SmolLM2-135M-Instruct")
     assert (bios_home() / "models" / DEFAULT_MODEL / "model.safetensors").is_file()
     repo = private_caches / "hf" / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
@@ -482,7 +482,7 @@ def test_default_model_is_rebuilt_when_its_files_vanish(
         for file in (tiny_root / "qwen3").iterdir():
             (out / file.name).write_bytes(file.read_bytes())
 
-    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    monkeypatch.setattr(loading, "convert_gguf_to_folder", convert)
     first = resolve_model_path(DEFAULT_MODEL)
     (bios_home() / "models" / DEFAULT_MODEL / "model.safetensors").unlink()
     assert not (first / "model.safetensors").exists()  # the snapshot's link now dangles
@@ -494,7 +494,7 @@ def test_a_real_download_of_the_default_wins(
     tiny_root: Path, monkeypatch: pytest.MonkeyPatch, private_caches: Path
 ) -> None:
     snapshot = _put_in_hub_cache(private_caches / "hf" / "hub", DEFAULT_MODEL, tiny_root / "llama")
-    monkeypatch.setattr(loading, "_convert_gguf", _fake_converter([], fail=True))
+    monkeypatch.setattr(loading, "convert_gguf_to_folder", _fake_converter([], fail=True))
     assert resolve_model_path(DEFAULT_MODEL) == snapshot
 
 

@@ -1,20 +1,14 @@
-"""Checkpoint paths and atomic checkpoint folders.
+"""Checkpoint paths: parsing, validation, and where they live on disk.
 
 `bios://<run_id>/weights/<name>` is a training state (weights and optimizer);
 `bios://<run_id>/sampler_weights/<name>` holds weights only. `tinker://` is accepted as a synonym.
-On disk both are folders under `<home>/runs/<run_id>/<kind>/<name>/`, written into a temporary
-folder, fsynced, and renamed into place, so a crash never leaves a half-written checkpoint
-under a real name.
+On disk both are folders under `<home>/runs/<run_id>/<kind>/<name>/`, written with
+`bios.fsutil.atomic_folder` so a crash never leaves a half-written checkpoint under a real name.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,40 +66,3 @@ def checkpoint_folder(home: Path, path: str, field: str = "path") -> Path:
     if not folder.is_dir():
         raise NotFoundError(f"{field}: no checkpoint at {path}")
     return folder
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success fsync it and rename it to `target`.
-
-    On an exception the temporary folder is removed and `target` is untouched.
-    """
-    if target.exists() and not overwrite:
-        raise InvalidInputError("name", f"a checkpoint already exists at {target.name!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-        for file in staging.iterdir():
-            _fsync(file)
-        _fsync(staging)
-        if target.exists():
-            trash = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(target, trash)
-            os.replace(staging, target)
-            shutil.rmtree(trash)
-        else:
-            os.replace(staging, target)
-        _fsync(target.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -15,10 +15,11 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from bios.engine.batch import pack_batch, resolve_config, resolve_objective
-from bios.engine.checkpoints import CheckpointPath, atomic_folder, check_name, checkpoint_folder
+from bios.engine.checkpoints import CheckpointPath, check_name, checkpoint_folder
 from bios.engine.runs import STATE_FILE, TrainingRun
 from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError, NotFoundError
+from bios.fsutil import atomic_folder
 from bios.models.loading import bios_home, load_model, resolve_model_path
 from bios.types import (
     AdamParams,
@@ -136,7 +137,9 @@ class Engine:
             raise InvalidInputError("name", f"{path.uri()} already exists")
 
         def save() -> str:
-            with atomic_folder(folder, overwrite=overwrite) as staging:
+            if folder.exists() and not overwrite:  # saved by a request queued before this one
+                raise InvalidInputError("name", f"{path.uri()} already exists")
+            with atomic_folder(folder) as staging:
                 run.save(staging, with_optimizer=kind == "weights")
             return path.uri()
 

