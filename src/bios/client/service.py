@@ -15,7 +15,9 @@ from typing import Any
 from bios.client.futures import APIFuture
 from bios.client.local import local_engine
 from bios.engine.engine import Engine
+from bios.engine.runs import CustomLossFn
 from bios.models.loading import DEFAULT_MODEL
+from bios.objectives import LossFn
 from bios.types import (
     AdamParams,
     Datum,
@@ -99,23 +101,54 @@ class TrainingClient:
     def forward(
         self,
         data: Sequence[Datum],
-        loss_fn: str,
+        loss_fn: LossFn,
         loss_fn_config: Mapping[str, float] | None = None,
+        *,
+        reference: str | None = None,
     ) -> APIFuture[ForwardBackwardOutput]:
         """Logprobs and loss without gradients."""
         return APIFuture(
-            self._engine.forward_backward(self.model_id, data, loss_fn, loss_fn_config, False)
+            self._engine.forward_backward(
+                self.model_id, data, loss_fn, loss_fn_config, False, reference
+            )
         )
 
     def forward_backward(
         self,
         data: Sequence[Datum],
-        loss_fn: str,
+        loss_fn: LossFn,
         loss_fn_config: Mapping[str, float] | None = None,
+        *,
+        reference: str | None = None,
     ) -> APIFuture[ForwardBackwardOutput]:
-        """Logprobs and loss; gradients accumulate until `optim_step`."""
+        """Logprobs and loss; gradients accumulate until `optim_step`.
+
+        `loss_fn` is a built-in name or a weighted list such as `[("ppo", 1.0), ("kl", 0.05)]`.
+        Objectives against a reference policy (dpo, dpo_hinge, ipo, kl) read `ref_logprobs`
+        from the data, or compute them from `reference`: None for the base model, or a
+        `bios://` checkpoint path of a LoRA adapter on the same base.
+        """
         return APIFuture(
-            self._engine.forward_backward(self.model_id, data, loss_fn, loss_fn_config, True)
+            self._engine.forward_backward(
+                self.model_id, data, loss_fn, loss_fn_config, True, reference
+            )
+        )
+
+    def forward_backward_custom(
+        self,
+        data: Sequence[Datum],
+        loss_fn: CustomLossFn,
+        *,
+        loss_type_input: str = "logprobs",
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Gradients of any differentiable `loss_fn(data, logprobs_list) -> (loss, metrics)`.
+
+        In-process the function runs on the live autograd graph: one forward and one backward,
+        the cost of a built-in objective. It may couple data (pairs, groups). With
+        `loss_type_input="logits"` it gets each datum's (N, vocab) logits instead.
+        """
+        return APIFuture(
+            self._engine.forward_backward_custom(self.model_id, data, loss_fn, loss_type_input)
         )
 
     def optim_step(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
@@ -172,6 +205,11 @@ class TrainingClient:
         self, *args: Any, **kwargs: Any
     ) -> APIFuture[ForwardBackwardOutput]:
         return self.forward_backward(*args, **kwargs)
+
+    async def forward_backward_custom_async(
+        self, *args: Any, **kwargs: Any
+    ) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward_backward_custom(*args, **kwargs)
 
     async def optim_step_async(self, adam_params: AdamParams) -> APIFuture[OptimStepResponse]:
         return self.optim_step(adam_params)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from bios.errors import InvalidInputError
-from bios.objectives import OBJECTIVES, Objective
+from bios.objectives import DATUM_INDEX, LossFn, Objective, get_objective
 from bios.types import Datum, TensorData
 
 _INT_KEYS = {"target_tokens"}
@@ -31,54 +31,66 @@ class PackedBatch:
     targets: torch.Tensor  # (B, T) int64, padded with 0
     mask: torch.Tensor  # (B, T) bool, True on real tokens
     lengths: list[int]
-    inputs: dict[str, torch.Tensor]  # each (sum of lengths,), in datum order
+    inputs: dict[str, torch.Tensor]  # each (sum of lengths,), in datum order; + datum_index
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-datum pieces of a tensor flattened over the real tokens."""
         return list(torch.split(flat, self.lengths))
 
 
-def resolve_objective(loss_fn: str) -> Objective:
-    if not isinstance(loss_fn, str) or loss_fn not in OBJECTIVES:
-        known = ", ".join(sorted(OBJECTIVES))
-        raise InvalidInputError("loss_fn", f"unknown loss {loss_fn!r}; expected one of: {known}")
-    return OBJECTIVES[loss_fn]
+def resolve_objective(loss_fn: LossFn) -> Objective:
+    try:
+        return get_objective(loss_fn)
+    except ValueError as error:
+        raise InvalidInputError("loss_fn", str(error)) from None
+
+
+def _targets_of(key: str, given: Mapping[str, float], objective: Objective) -> list[str]:
+    """The config keys a user key sets: itself, or for a combination every part's `*.key`."""
+    if key in objective.config:
+        return [key]
+    return [full for full in objective.config if full.endswith(f".{key}") and full not in given]
 
 
 def resolve_config(objective: Objective, config: Mapping[str, float] | None) -> dict[str, float]:
-    """`loss_fn_config` with defaults filled in; unknown, missing or non-finite keys rejected."""
-    config = dict(config or {})
-    for key, value in config.items():
-        if key not in objective.config:
+    """`loss_fn_config` with defaults filled in; unknown, missing or bad values rejected.
+
+    For a combination, an unprefixed key (`beta`) sets every part's key of that name
+    (`dpo.beta`); a prefixed key wins over it.
+    """
+    given = dict(config or {})
+    values: dict[str, float] = {}
+    for key, value in given.items():
+        field = f"loss_fn_config[{key!r}]"
+        targets = _targets_of(key, given, objective)
+        if not targets:
             accepted = ", ".join(sorted(objective.config)) or "none"
             raise InvalidInputError(
-                f"loss_fn_config[{key!r}]",
-                f"not a setting of loss_fn {objective.name!r} (accepted: {accepted})",
+                field, f"not a setting of loss_fn {objective.name!r} (accepted: {accepted})"
             )
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or not math.isfinite(value)
         ):
-            raise InvalidInputError(
-                f"loss_fn_config[{key!r}]", f"expected a finite number, got {value!r}"
-            )
-    resolved: dict[str, float] = {}
+            raise InvalidInputError(field, f"expected a finite number, got {value!r}")
+        check = objective.config_checks.get(targets[0])
+        if check is not None and not check[0](value):
+            raise InvalidInputError(field, f"expected {check[1]}, got {value!r}")
+        values.update(dict.fromkeys(targets, float(value)))
     for key, default in objective.config.items():
-        if key in config:
-            resolved[key] = float(config[key])
-        elif default is None:
-            raise InvalidInputError(
-                f"loss_fn_config[{key!r}]", f"required by loss_fn {objective.name!r}"
-            )
-        else:
-            resolved[key] = default
-    return resolved
+        if key not in values:
+            if default is None:
+                raise InvalidInputError(
+                    f"loss_fn_config[{key!r}]", f"required by loss_fn {objective.name!r}"
+                )
+            values[key] = default
+    return values
 
 
-def _tensor(field: str, key: str, data: TensorData, length: int) -> torch.Tensor:
+def _tensor(field: str, key: str, data: TensorData, length: int, custom: bool) -> torch.Tensor:
     expected_dtype = "int64" if key in _INT_KEYS else "float32"
-    if data.dtype != expected_dtype:
+    if data.dtype != expected_dtype and not (custom and key not in _INT_KEYS):
         raise InvalidInputError(field, f"expected dtype {expected_dtype}, got {data.dtype}")
     shape = data.shape if data.shape is not None else [len(data.data)]
     if len(shape) != 1 or shape[0] != length or len(data.data) != length:
@@ -105,52 +117,69 @@ def _check_tokens(field: str, tokens: torch.Tensor, vocab_size: int) -> None:
         )
 
 
-def pack_batch(
-    data: Sequence[Datum],
-    objective: Objective,
-    vocab_size: int,
-    max_length: int,
-    require_targets: bool = True,
-) -> PackedBatch:
-    """Validate `data` for `objective` and pack it; raises InvalidInputError naming the field."""
-    if not isinstance(data, Sequence) or len(data) == 0:
-        raise InvalidInputError("data", "expected a non-empty list of Datum")
-    rows: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    columns: dict[str, list[torch.Tensor]] = {}
-    for index, datum in enumerate(data):
-        where = f"data[{index}]"
-        if not isinstance(datum, Datum):
-            raise InvalidInputError(where, f"expected a Datum, got {type(datum).__name__}")
-        tokens = torch.tensor(datum.model_input.to_ints(), dtype=torch.int64)
-        length = len(tokens)
-        if length == 0:
-            raise InvalidInputError(f"{where}.model_input", "is empty")
-        if length > max_length:
-            raise InvalidInputError(
-                f"{where}.model_input",
-                f"length {length} exceeds the model's context of {max_length}",
-            )
-        _check_tokens(f"{where}.model_input", tokens, vocab_size)
-        given = datum.loss_fn_inputs
+def _check_keys(where: str, given: Mapping[str, TensorData], objective: Objective | None):
+    """Unknown keys and missing required keys; `objective=None` is a custom loss (any keys)."""
+    name = objective.name if objective is not None else "custom"
+    if objective is not None:
         for key in given:
             if key not in objective.accepted_inputs:
                 accepted = ", ".join(objective.accepted_inputs)
                 raise InvalidInputError(
                     f"{where}.loss_fn_inputs[{key!r}]",
-                    f"not an input of loss_fn {objective.name!r} (accepted: {accepted})",
+                    f"not an input of loss_fn {name!r} (accepted: {accepted})",
                 )
-        needed = (("target_tokens",) if require_targets else ()) + objective.required_inputs
-        for key in needed:
-            if key not in given:
-                raise InvalidInputError(
-                    f"{where}.loss_fn_inputs",
-                    f"missing key {key!r} required by loss_fn {objective.name!r}",
-                )
-        for key, value in given.items():
-            tensor = _tensor(f"{where}.loss_fn_inputs[{key!r}]", key, value, length)
+    required = ("target_tokens", *(objective.required_inputs if objective is not None else ()))
+    for key in required:
+        if key not in given:
+            raise InvalidInputError(
+                f"{where}.loss_fn_inputs", f"missing key {key!r} required by loss_fn {name!r}"
+            )
+
+
+def _check_shape_of_batch(data: Sequence[Datum], objective: Objective | None) -> None:
+    if not isinstance(data, Sequence) or isinstance(data, str) or len(data) == 0:
+        raise InvalidInputError("data", "expected a non-empty list of Datum")
+    for index, datum in enumerate(data):
+        if not isinstance(datum, Datum):
+            raise InvalidInputError(
+                f"data[{index}]", f"expected a Datum, got {type(datum).__name__}"
+            )
+    if objective is not None and objective.pairs and len(data) % 2:
+        raise InvalidInputError(
+            "data",
+            f"loss_fn {objective.name!r} takes (chosen, rejected) pairs as data[2k], data[2k+1]; "
+            f"got an odd number of data ({len(data)})",
+        )
+
+
+def pack_batch(
+    data: Sequence[Datum], objective: Objective | None, vocab_size: int, max_length: int
+) -> PackedBatch:
+    """Validate `data` for `objective` (None: a custom loss) and pack it.
+
+    Raises InvalidInputError naming the field.
+    """
+    _check_shape_of_batch(data, objective)
+    rows: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    columns: dict[str, list[torch.Tensor]] = {}
+    for index, datum in enumerate(data):
+        where = f"data[{index}]"
+        tokens = torch.tensor(datum.model_input.to_ints(), dtype=torch.int64)
+        if len(tokens) == 0:
+            raise InvalidInputError(f"{where}.model_input", "is empty")
+        if len(tokens) > max_length:
+            raise InvalidInputError(
+                f"{where}.model_input",
+                f"length {len(tokens)} exceeds the model's context of {max_length}",
+            )
+        _check_tokens(f"{where}.model_input", tokens, vocab_size)
+        _check_keys(where, datum.loss_fn_inputs, objective)
+        for key, value in datum.loss_fn_inputs.items():
+            field = f"{where}.loss_fn_inputs[{key!r}]"
+            tensor = _tensor(field, key, value, len(tokens), custom=objective is None)
             if key == "target_tokens":
-                _check_tokens(f"{where}.loss_fn_inputs['target_tokens']", tensor, vocab_size)
+                _check_tokens(field, tensor, vocab_size)
                 targets.append(tensor)
             else:
                 columns.setdefault(key, []).append(tensor)
@@ -165,10 +194,7 @@ def pack_batch(
     lengths = [len(row) for row in rows]
     input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
     mask = torch.arange(input_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
-    padded_targets = (
-        torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
-        if targets
-        else torch.zeros_like(input_ids)
-    )
     inputs = {key: torch.cat(pieces) for key, pieces in columns.items()}
+    inputs[DATUM_INDEX] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+    padded_targets = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
     return PackedBatch(input_ids, padded_targets, mask, lengths, inputs)

@@ -16,11 +16,13 @@ from pathlib import Path
 
 from bios.engine.batch import pack_batch, resolve_config, resolve_objective
 from bios.engine.checkpoints import CheckpointPath, check_name, checkpoint_folder
-from bios.engine.runs import STATE_FILE, TrainingRun
+from bios.engine.runs import CUSTOM_INPUT_TYPES, STATE_FILE, CustomLossFn, TrainingRun
 from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError, NotFoundError
 from bios.fsutil import atomic_folder
 from bios.models.loading import bios_home, load_model, resolve_model_path
+from bios.models.lora import LoRAAdapter
+from bios.objectives import LossFn
 from bios.types import (
     AdamParams,
     Datum,
@@ -42,6 +44,7 @@ class Engine:
         self.home = Path(home) if home is not None else bios_home()
         self._workers: dict[str, ModelWorker] = {}
         self._run_workers: dict[str, ModelWorker] = {}
+        self._references: dict[tuple[str, int], LoRAAdapter] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -110,15 +113,62 @@ class Engine:
         self,
         run_id: str,
         data: Sequence[Datum],
-        loss_fn: str,
+        loss_fn: LossFn,
         loss_fn_config: Mapping[str, float] | None = None,
         backward: bool = True,
+        reference: str | None = None,
     ) -> Future[ForwardBackwardOutput]:
+        """`reference` (for dpo, ipo, kl, ...): None for the base model, or a checkpoint path."""
         run, worker = self.run(run_id), self._run_workers[run_id]
         objective = resolve_objective(loss_fn)
         config = resolve_config(objective, loss_fn_config)
         batch = pack_batch(data, objective, worker.vocab_size, worker.max_length)
-        return worker.submit(run.forward_backward, batch, objective, config, backward)
+        adapter = self._reference_adapter(run, reference)
+        return worker.submit(run.forward_backward, batch, objective, config, backward, adapter)
+
+    def forward_backward_custom(
+        self,
+        run_id: str,
+        data: Sequence[Datum],
+        loss_fn: CustomLossFn,
+        loss_type_input: str = "logprobs",
+    ) -> Future[ForwardBackwardOutput]:
+        """A user's loss of per-datum logprobs (or logits), on the live graph of one forward."""
+        run, worker = self.run(run_id), self._run_workers[run_id]
+        if not callable(loss_fn):
+            raise InvalidInputError("loss_fn", f"expected a callable, got {loss_fn!r}")
+        if loss_type_input not in CUSTOM_INPUT_TYPES:
+            raise InvalidInputError(
+                "loss_type_input", f"expected one of {CUSTOM_INPUT_TYPES}, got {loss_type_input!r}"
+            )
+        batch = pack_batch(data, None, worker.vocab_size, worker.max_length)
+        return worker.submit(run.forward_backward_custom, batch, data, loss_fn, loss_type_input)
+
+    def _reference_adapter(self, run: TrainingRun, reference: str | None) -> LoRAAdapter | None:
+        """The frozen reference policy: None (the base model) or a saved LoRA adapter.
+
+        Both share the base weights: a reference costs one adapter, not a second model. Loaded
+        adapters are kept (checkpoints are immutable unless overwritten, which changes mtime).
+        """
+        if reference is None or reference == "base":
+            return None
+        folder = checkpoint_folder(self.home, reference, "reference")
+        saved = json.loads((folder / STATE_FILE).read_text())
+        if saved["lora"] is None:
+            raise InvalidInputError(
+                "reference",
+                f"{reference} is a full fine-tuning checkpoint; "
+                "pass ref_logprobs in the data instead",
+            )
+        if saved["base_model"] != run.base_model:
+            raise InvalidInputError(
+                "reference", f"{reference} is of {saved['base_model']!r}, not {run.base_model!r}"
+            )
+        key = (str(folder), (folder / STATE_FILE).stat().st_mtime_ns)
+        with self._lock:
+            if key not in self._references:
+                self._references[key] = LoRAAdapter.load_peft(folder).requires_grad_(False)
+            return self._references[key]
 
     def optim_step(self, run_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
         run = self.run(run_id)

@@ -7,7 +7,7 @@ worker and the engine.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,8 +19,15 @@ from torch import nn
 from bios.engine.batch import PackedBatch
 from bios.errors import InvalidInputError
 from bios.models.lora import AdapterHost, LoRAAdapter
-from bios.objectives import Objective
-from bios.types import AdamParams, ForwardBackwardOutput, LoraConfig, OptimStepResponse, TensorData
+from bios.objectives import REF_LOGPROBS, Objective
+from bios.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    LoraConfig,
+    OptimStepResponse,
+    TensorData,
+)
 
 STATE_FILE = "bios_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -28,13 +35,48 @@ FULL_WEIGHTS_FILE = "model.safetensors"
 _MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 
-def target_logprobs(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+CUSTOM_INPUT_TYPES = ("logprobs", "logits")
+
+
+def batch_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """(B, T, V) float32 logits of the padded batch."""
+    return model(input_ids=batch.input_ids, use_cache=False).logits.float()
+
+
+def gather_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """log p(target_t | tokens_≤t) for every real token of the batch, flattened in datum order."""
-    logits = model(input_ids=batch.input_ids, use_cache=False).logits
-    token_nll = F.cross_entropy(
-        logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
-    )
+    token_nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
     return -token_nll.view_as(batch.targets)[batch.mask]
+
+
+def target_logprobs(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    return gather_logprobs(batch_logits(model, batch), batch)
+
+
+def _checked_custom_result(result: object) -> tuple[torch.Tensor, dict[str, float]]:
+    """The (loss, metrics) a custom loss returned, or an error saying what is wrong with it."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise InvalidInputError(
+            "loss_fn", f"must return (loss, metrics), got {type(result).__name__}"
+        )
+    loss, metrics = result
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise InvalidInputError("loss_fn", f"returned loss {shape}; expected a scalar tensor")
+    if not torch.isfinite(loss.detach()).all():
+        raise InvalidInputError("loss_fn", f"returned a non-finite loss ({loss.item()})")
+    if loss.grad_fn is None:
+        raise InvalidInputError(
+            "loss_fn", "returned a loss not computed from the logprobs it was given (no gradient)"
+        )
+    if not isinstance(metrics, dict):
+        raise InvalidInputError("loss_fn", f"metrics must be a dict, got {type(metrics).__name__}")
+    try:
+        metrics = {str(k): float(v) for k, v in metrics.items()}
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError("loss_fn", f"metrics values must be numbers ({error})") from None
+    return loss.reshape(()), metrics
 
 
 class TrainingRun:
@@ -87,17 +129,45 @@ class TrainingRun:
         objective: Objective,
         config: dict[str, float],
         backward: bool,
+        reference: LoRAAdapter | None = None,
     ) -> ForwardBackwardOutput:
-        """Per-token logprobs and the objective; with `backward`, gradients are accumulated."""
+        """Per-token logprobs and the objective; with `backward`, gradients are accumulated.
+
+        Objectives that compare with a reference policy get `ref_logprobs` from the data, or
+        else from `reference` (an adapter on the shared base; None is the base model itself).
+        """
+        inputs = batch.inputs
+        if objective.needs_reference and REF_LOGPROBS not in inputs:
+            inputs = {**inputs, REF_LOGPROBS: self.reference_logprobs(batch, reference)}
         with torch.set_grad_enabled(backward), self.model() as model:
             logprobs = target_logprobs(model, batch)
-            loss, metrics = objective.fn(logprobs, batch.inputs, config)
+            loss, metrics = objective.fn(logprobs, inputs, config)
             if backward:
                 loss.backward()
-        outputs = [{"logprobs": TensorData.from_torch(p)} for p in batch.split(logprobs.detach())]
-        return ForwardBackwardOutput(
-            loss_fn_outputs=outputs, metrics={"loss:sum": float(loss.detach()), **metrics}
-        )
+        return _output(batch, logprobs, loss, metrics)
+
+    def forward_backward_custom(
+        self, batch: PackedBatch, data: Sequence[Datum], loss_fn: CustomLossFn, input_type: str
+    ) -> ForwardBackwardOutput:
+        """Run a user's loss on the live autograd graph: one forward, one backward.
+
+        `loss_fn(data, per_datum)` gets, per datum, the target logprobs (N,) or, with
+        `input_type="logits"`, the logits (N, V) at each position. Its result is checked before
+        the backward pass, so a bad loss leaves the gradients as they were.
+        """
+        with torch.enable_grad(), self.model() as model:
+            logits = batch_logits(model, batch)
+            logprobs = gather_logprobs(logits, batch)
+            given = batch.split(logprobs if input_type == "logprobs" else logits[batch.mask])
+            loss, metrics = _checked_custom_result(loss_fn(list(data), given))
+            loss.backward()
+        return _output(batch, logprobs, loss, metrics)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: PackedBatch, adapter: LoRAAdapter | None) -> torch.Tensor:
+        """Target logprobs under a frozen reference that shares the base weights."""
+        with self._host.use(adapter) as model:
+            return target_logprobs(model, batch)
 
     def optim_step(self, params: AdamParams) -> OptimStepResponse:
         """One AdamW step on the accumulated gradients, which are then cleared.
@@ -233,3 +303,12 @@ class TrainingRun:
                 pad_token_id=stop_ids[0] if stop_ids else 0,
             )
         return output[0, len(tokens) :].tolist()
+
+
+def _output(
+    batch: PackedBatch, logprobs: torch.Tensor, loss: torch.Tensor, metrics: dict[str, float]
+) -> ForwardBackwardOutput:
+    outputs = [{"logprobs": TensorData.from_torch(p)} for p in batch.split(logprobs.detach())]
+    return ForwardBackwardOutput(
+        loss_fn_outputs=outputs, metrics={"loss:sum": float(loss.detach()), **metrics}
+    )

@@ -1,44 +1,111 @@
-"""Built-in objectives and the registry that maps their names to functions."""
+"""Built-in objectives and the registry that maps their names to functions.
+
+A `loss_fn` is a name (`"ppo"`) or a weighted combination (`[("ppo", 1.0), ("kl", 0.05)]`).
+"""
 
 from __future__ import annotations
 
-from bios.objectives.base import Inputs, LossOutput, Objective, ObjectiveFn
+from collections.abc import Sequence
+
+from bios.objectives.base import (
+    DATUM_INDEX,
+    REF_LOGPROBS,
+    Inputs,
+    LossOutput,
+    Objective,
+    ObjectiveFn,
+    sequence_sums,
+)
+from bios.objectives.combination import combine
 from bios.objectives.policy import cispo, dro, importance_sampling, ppo
+from bios.objectives.preference import dpo, dpo_hinge, ipo
+from bios.objectives.regularizers import ESTIMATORS, kl
 from bios.objectives.supervised import cross_entropy
 
 _CLIP = ("clip_low_threshold", "clip_high_threshold")
+_CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+_POSITIVE = (lambda value: value > 0, "a positive number")
+_BETA = {"beta": _POSITIVE}
+
+
+def _preference(name: str, fn: ObjectiveFn, config: dict[str, float]) -> Objective:
+    checks = dict(_BETA)
+    if "label_smoothing" in config:
+        checks["label_smoothing"] = (lambda value: 0 <= value < 0.5, "a number in [0, 0.5)")
+    return Objective(
+        name,
+        fn,
+        required_inputs=("weights",),
+        optional_inputs=(REF_LOGPROBS,),
+        config=config,
+        needs_reference=True,
+        pairs=True,
+        config_checks=checks,
+    )
+
 
 OBJECTIVES: dict[str, Objective] = {
     objective.name: objective
     for objective in (
         Objective("cross_entropy", cross_entropy, required_inputs=("weights",)),
         Objective("importance_sampling", importance_sampling, ("logprobs", "advantages")),
+        Objective("ppo", ppo, ("logprobs", "advantages"), _CLIP, config=_CLIP_DEFAULTS),
+        Objective("cispo", cispo, ("logprobs", "advantages"), _CLIP, config=_CLIP_DEFAULTS),
         Objective(
-            "ppo",
-            ppo,
-            ("logprobs", "advantages"),
-            optional_inputs=_CLIP,
-            config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+            "dro", dro, ("logprobs", "advantages"), config={"beta": None}, config_checks=_BETA
         ),
+        _preference("dpo", dpo, {"beta": 0.1, "label_smoothing": 0.0}),
+        _preference("dpo_hinge", dpo_hinge, {"beta": 0.1}),
+        _preference("ipo", ipo, {"beta": 0.1}),
         Objective(
-            "cispo",
-            cispo,
-            ("logprobs", "advantages"),
-            optional_inputs=_CLIP,
-            config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+            "kl",
+            kl,
+            required_inputs=(),
+            optional_inputs=("weights", REF_LOGPROBS),
+            config={"estimator": 3.0},
+            needs_reference=True,
+            config_checks={
+                "estimator": (lambda value: value in ESTIMATORS, "1, 2 or 3 (k1, k2, k3)")
+            },
         ),
-        Objective("dro", dro, ("logprobs", "advantages"), config={"beta": None}),
     )
 }
 
-
-def get_objective(name: str) -> Objective:
-    """The objective called `name`; a KeyError lists the known names."""
-    try:
-        return OBJECTIVES[name]
-    except KeyError:
-        known = ", ".join(sorted(OBJECTIVES))
-        raise KeyError(f"unknown loss_fn {name!r}; expected one of: {known}") from None
+LossFn = str | Sequence[tuple[str, float]]
 
 
-__all__ = ["OBJECTIVES", "Inputs", "LossOutput", "Objective", "ObjectiveFn", "get_objective"]
+def get_objective(loss_fn: LossFn) -> Objective:
+    """The objective named by `loss_fn`, or the weighted combination it lists.
+
+    Raises ValueError with the known names when a name is unknown.
+    """
+    if isinstance(loss_fn, str):
+        if loss_fn not in OBJECTIVES:
+            known = ", ".join(sorted(OBJECTIVES))
+            raise ValueError(f"unknown loss {loss_fn!r}; expected one of: {known}")
+        return OBJECTIVES[loss_fn]
+    parts = list(loss_fn) if isinstance(loss_fn, Sequence) else []
+    if not parts or not all(
+        isinstance(p, Sequence)
+        and len(p) == 2
+        and isinstance(p[0], str)
+        and isinstance(p[1], int | float)
+        for p in parts
+    ):
+        raise ValueError(f"expected a loss name or a list of (name, weight) pairs, got {loss_fn!r}")
+    return combine([(get_objective(name), float(weight)) for name, weight in parts])
+
+
+__all__ = [
+    "DATUM_INDEX",
+    "OBJECTIVES",
+    "REF_LOGPROBS",
+    "Inputs",
+    "LossFn",
+    "LossOutput",
+    "Objective",
+    "ObjectiveFn",
+    "combine",
+    "get_objective",
+    "sequence_sums",
+]

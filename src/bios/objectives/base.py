@@ -2,9 +2,12 @@
 
     fn(logprobs, inputs, config) -> (loss, metrics)
 
-`logprobs` is log p_θ of the target tokens (1-D, with gradient), `inputs` holds the other
-`loss_fn_inputs` as tensors of the same length, `config` is `loss_fn_config`. The loss is a
-scalar summed over tokens; metrics are floats named `name:reduction`.
+`logprobs` is log p_θ of the target tokens of the whole batch, flattened in datum order (1-D,
+with gradient). `inputs` holds the other `loss_fn_inputs` flattened the same way, plus
+`datum_index` (which datum each token belongs to) for objectives over whole sequences, and
+`ref_logprobs` (log π_ref of the targets) for objectives that compare with a reference policy.
+`config` is `loss_fn_config` with defaults filled in. The loss is a scalar, summed over tokens
+(or sequences, or pairs); metrics are floats named `name:reduction`.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ Inputs = Mapping[str, torch.Tensor]
 LossOutput = tuple[torch.Tensor, dict[str, float]]
 ObjectiveFn = Callable[[torch.Tensor, Inputs, dict[str, float]], LossOutput]
 
+DATUM_INDEX = "datum_index"
+REF_LOGPROBS = "ref_logprobs"
+
 
 @dataclass(frozen=True)
 class Objective:
     """A named objective and the inputs and config keys it reads.
 
     `config` maps each accepted `loss_fn_config` key to its default; a default of None means the
-    key is required.
+    key is required. `needs_reference`: `ref_logprobs` are computed from a reference model when
+    the data do not carry them. `pairs`: the data are (chosen, rejected) pairs, data[2k] and
+    data[2k+1].
     """
 
     name: str
@@ -32,7 +40,24 @@ class Objective:
     required_inputs: tuple[str, ...]
     optional_inputs: tuple[str, ...] = ()
     config: Mapping[str, float | None] = field(default_factory=dict)
+    needs_reference: bool = False
+    pairs: bool = False
+    # Per config key: (is the value acceptable?, what is expected) — checked before any work.
+    config_checks: Mapping[str, tuple[Callable[[float], bool], str]] = field(default_factory=dict)
 
     @property
     def accepted_inputs(self) -> tuple[str, ...]:
         return ("target_tokens", *self.required_inputs, *self.optional_inputs)
+
+
+def sequence_sums(values: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    """Σ over each datum's tokens of a flat per-token tensor -> one value per datum."""
+    index = inputs[DATUM_INDEX]
+    count = int(index[-1]) + 1
+    return torch.zeros(count, dtype=values.dtype).index_add(0, index, values)
+
+
+def token_weights(logprobs: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    """`weights` if the data carry them, else 1 on every token."""
+    weights = inputs.get("weights")
+    return weights if weights is not None else torch.ones_like(logprobs)
