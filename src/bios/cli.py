@@ -26,6 +26,25 @@ def _cmd_fetch_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from bios.diagnostics import diagnose, read_metrics
+
+    try:
+        records = read_metrics(args.metrics)
+    except (OSError, ValueError) as error:
+        print(f"bios doctor: cannot read {args.metrics}: {error}", file=sys.stderr)
+        return 2
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    span = f", steps {min(steps)}–{max(steps)}" if steps else ""
+    print(f"{args.metrics}: {len(records)} records{span}")
+    findings = diagnose(records)
+    for finding in findings:
+        print(finding)
+    if not findings:
+        print("no problems found")
+    return 1 if any(f.severity == "error" for f in findings) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bios", description="Fine-tune language models.")
     parser.add_argument("--version", action="version", version=f"bios {__version__}")
@@ -40,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model", nargs="?", help="name, folder or .gguf file (default: the default model)"
     )
     resolve.set_defaults(run=_cmd_fetch_default)
+    doctor = commands.add_parser(
+        "doctor",
+        help="read a run's metrics and say what went wrong and which setting to change "
+        "(exit 1 if a finding is an error)",
+    )
+    doctor.add_argument("metrics", help="a metrics.jsonl file, or a run folder holding one")
+    doctor.set_defaults(run=_cmd_doctor)
     return parser
 
 
