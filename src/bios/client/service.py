@@ -14,6 +14,7 @@ from typing import Any
 
 from bios.client.futures import APIFuture
 from bios.client.local import local_engine
+from bios.client.sampling import SamplingClient
 from bios.engine.engine import Engine
 from bios.engine.runs import CustomLossFn
 from bios.models.loading import DEFAULT_MODEL
@@ -35,8 +36,20 @@ from bios.types import (
 class ServiceClient:
     """Entry point. With no arguments the engine runs in this process (the embedded default)."""
 
-    def __init__(self, *, engine: Engine | None = None) -> None:
-        self._engine = engine if engine is not None else local_engine()
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        engine: Engine | None = None,
+    ) -> None:
+        """No arguments: the engine runs in this process. `base_url`: a `bios serve` server."""
+        if base_url is not None:
+            from bios.client.http import HttpTransport
+
+            self._engine = HttpTransport(base_url, api_key)
+        else:
+            self._engine = engine if engine is not None else local_engine()
 
     def create_lora_training_client(
         self,
@@ -87,6 +100,20 @@ class ServiceClient:
         self, path: str
     ) -> TrainingClient:
         return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer, path)
+
+    def create_sampling_client(
+        self,
+        model_path: str | None = None,
+        base_model: str | None = None,
+        retry_config: Any = None,
+    ) -> SamplingClient:
+        """A sampler on saved weights (`bios://<run>/sampler_weights/<name>` or `.../weights/...`)
+        or, with `base_model` only, on the untouched base model."""
+        session = self._engine.create_sampling_session(model_path=model_path, base_model=base_model)
+        return SamplingClient(self._engine, session)
+
+    async def create_sampling_client_async(self, *args: Any, **kwargs: Any) -> SamplingClient:
+        return await asyncio.to_thread(self.create_sampling_client, *args, **kwargs)
 
 
 class TrainingClient:
@@ -178,6 +205,32 @@ class TrainingClient:
         """Load weights and AdamW state from `path`."""
         future = self._engine.load_state(self.model_id, path, with_optimizer=True)
         return APIFuture.mapped(future, lambda p: LoadWeightsResponse(path=p))
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def save_weights_and_get_sampling_client(
+        self, name: str | None = None, retry_config: Any = None
+    ) -> SamplingClient:
+        """A sampler on a snapshot of this run's weights as they are after every call submitted
+        before this one. Without `name` the snapshot lives in memory only; with it the weights are
+        also saved at `bios://<run>/sampler_weights/<name>`."""
+        if name is not None:
+            self.save_weights_for_sampler(name).result()
+        session = self._engine.create_sampling_session(run_id=self.model_id)
+        return SamplingClient(self._engine, session)
+
+    def create_sampling_client(self, model_path: str, retry_config: Any = None) -> SamplingClient:
+        """A sampler on weights saved at `model_path`."""
+        session = self._engine.create_sampling_session(model_path=model_path)
+        return SamplingClient(self._engine, session)
+
+    async def save_weights_and_get_sampling_client_async(
+        self, *args: Any, **kwargs: Any
+    ) -> SamplingClient:
+        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, *args, **kwargs)
+
+    async def create_sampling_client_async(self, *args: Any, **kwargs: Any) -> SamplingClient:
+        return await asyncio.to_thread(self.create_sampling_client, *args, **kwargs)
 
     # ---- information and helpers --------------------------------------------------------------
 

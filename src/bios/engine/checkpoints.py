@@ -30,6 +30,18 @@ def check_name(name: str, field: str = "name") -> str:
     return name
 
 
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def check_run_id(run_id: str, field: str = "model_id") -> str:
+    """Run ids: like names, plus `:` (Tinker's ids look like `<session>:train:0`)."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+        raise InvalidInputError(
+            field, f"expected 1-128 letters, digits, '.', '_', '-' or ':', got {run_id!r}"
+        )
+    return run_id
+
+
 @dataclass(frozen=True)
 class CheckpointPath:
     run_id: str
@@ -55,7 +67,7 @@ class CheckpointPath:
         if len(parts) != 3 or parts[1] not in KINDS:
             raise InvalidInputError(field, f"{expected}, got {path!r}")
         run_id, kind, name = parts
-        check_name(run_id, field)
+        check_run_id(run_id, field)
         check_name(name, field)
         return cls(run_id, kind, name)
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
 from bios.engine.batch import pack_batch, resolve_config, resolve_objective
-from bios.engine.checkpoints import CheckpointPath, check_name, checkpoint_folder
+from bios.engine.checkpoints import CheckpointPath, check_name, check_run_id, checkpoint_folder
+from bios.engine.kept_graph import KEEP_SECONDS
 from bios.engine.runs import CUSTOM_INPUT_TYPES, STATE_FILE, CustomLossFn, TrainingRun
+from bios.engine.sampling import SamplingSession
 from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError, NotFoundError
 from bios.fsutil import atomic_folder
@@ -45,6 +48,10 @@ class Engine:
         self._workers: dict[str, ModelWorker] = {}
         self._run_workers: dict[str, ModelWorker] = {}
         self._references: dict[tuple[str, int], LoRAAdapter] = {}
+        # Weak: a snapshot lives as long as a client holds it, so dropped ones free their memory.
+        self._sessions: weakref.WeakValueDictionary[str, SamplingSession] = (
+            weakref.WeakValueDictionary()
+        )
         self._lock = threading.Lock()
 
     @classmethod
@@ -75,12 +82,22 @@ class Engine:
             raise NotFoundError(f"model_id: no training run {run_id!r}")
         return worker.runs[run_id]
 
-    def create_run(self, base_model: str, lora: LoraConfig | None) -> str:
-        """A new LoRA run (`lora` given) or full fine-tuning run on `base_model`."""
+    def create_run(
+        self, base_model: str, lora: LoraConfig | None, run_id: str | None = None
+    ) -> str:
+        """A new LoRA run (`lora` given) or full fine-tuning run on `base_model`.
+
+        `run_id` is chosen by the engine unless the caller (the server, which derives Tinker's
+        `<session>:train:<n>` ids) names it.
+        """
         if lora is not None and lora.rank <= 0:
             raise InvalidInputError("rank", f"expected a positive integer, got {lora.rank}")
+        if run_id is not None:
+            check_run_id(run_id, "model_id")
+            if run_id in self._run_workers:
+                raise InvalidInputError("model_id", f"a run {run_id!r} already exists")
         worker = self.worker(base_model)
-        run_id = uuid.uuid4().hex[:16]
+        run_id = run_id or uuid.uuid4().hex[:16]
         full_model = None if lora is not None else load_model(base_model).model
         # Built on the worker thread: it reads the shared model, which other runs may be using.
         run = worker.submit(TrainingRun, run_id, base_model, worker.host, lora, full_model).result()
@@ -89,12 +106,14 @@ class Engine:
             self._run_workers[run_id] = worker
         return run_id
 
-    def create_run_from_state(self, path: str, with_optimizer: bool) -> str:
+    def create_run_from_state(
+        self, path: str, with_optimizer: bool, run_id: str | None = None
+    ) -> str:
         """A new run with the settings, weights (and optionally optimizer) of a saved state."""
         folder = checkpoint_folder(self.home, path)
         saved = json.loads((folder / STATE_FILE).read_text())
         lora = LoraConfig(**saved["lora"]) if saved["lora"] is not None else None
-        run_id = self.create_run(saved["base_model"], lora)
+        run_id = self.create_run(saved["base_model"], lora, run_id)
         try:
             self.load_state(run_id, path, with_optimizer).result()
         except BaseException:
@@ -117,14 +136,40 @@ class Engine:
         loss_fn_config: Mapping[str, float] | None = None,
         backward: bool = True,
         reference: str | None = None,
+        keep_graph: bool = False,
     ) -> Future[ForwardBackwardOutput]:
-        """`reference` (for dpo, ipo, kl, ...): None for the base model, or a checkpoint path."""
+        """`reference` (for dpo, ipo, kl, ...): None for the base model, or a checkpoint path.
+
+        `keep_graph` (a forward only): keep its autograd graph for a `forward_backward` on the
+        same tokens that follows, which then skips its forward pass (`kept_graph.py`).
+        """
         run, worker = self.run(run_id), self._run_workers[run_id]
         objective = resolve_objective(loss_fn)
         config = resolve_config(objective, loss_fn_config)
         batch = pack_batch(data, objective, worker.vocab_size, worker.max_length)
         adapter = self._reference_adapter(run, reference)
-        return worker.submit(run.forward_backward, batch, objective, config, backward, adapter)
+        future = worker.submit(
+            run.forward_backward, batch, objective, config, backward, adapter, keep_graph
+        )
+        if keep_graph and not backward:
+            # Free the kept graph's memory once it expires, if nothing used or replaced it.
+            timer = threading.Timer(KEEP_SECONDS + 1, lambda: worker.submit(run.drop_expired_graph))
+            timer.daemon = True
+            timer.start()
+        return future
+
+    def snapshot_for_sampling(self, run_id: str) -> Future[SamplingSession]:
+        """A sampling session on the run's weights as they are once every request queued before
+        this one has run (the engine holds it weakly, like `create_sampling_session`)."""
+        run, worker = self.run(run_id), self._run_workers[run_id]
+
+        def snapshot() -> SamplingSession:
+            session = SamplingSession.of_run(worker, run)
+            with self._lock:
+                self._sessions[session.session_id] = session
+            return session
+
+        return worker.submit(snapshot)
 
     def forward_backward_custom(
         self,
@@ -250,3 +295,48 @@ class Engine:
         if worker.loaded.tokenizer.eos_token_id is not None:
             stop_ids.append(worker.loaded.tokenizer.eos_token_id)
         return worker.submit(run.generate, tokens, max_tokens, sorted(set(stop_ids)))
+
+    # ---- sampling (bios.engine.sampling) ----------------------------------------------------
+
+    def create_sampling_session(
+        self,
+        run_id: str | None = None,
+        model_path: str | None = None,
+        base_model: str | None = None,
+    ) -> SamplingSession:
+        """A sampling session on a snapshot of a run's current weights (taken after every request
+        queued before it), on saved weights (`model_path`), or on a base model. The engine holds
+        it weakly (by `session.session_id`): it lives while the caller keeps it."""
+        if run_id is not None:
+            run, worker = self.run(run_id), self._run_workers[run_id]
+            session = worker.submit(SamplingSession.of_run, worker, run).result()
+        elif model_path is not None:
+            try:
+                folder = checkpoint_folder(self.home, model_path, "model_path")
+            except NotFoundError as error:
+                raise InvalidInputError("model_path", f"no checkpoint at {model_path}") from error
+            session = SamplingSession.of_checkpoint(folder, self.worker)
+            if base_model is not None and self.worker(base_model) is not session.worker:
+                raise InvalidInputError(
+                    "base_model", f"{model_path} is of {session.base_model!r}, not {base_model!r}"
+                )
+        elif base_model is not None:
+            session = SamplingSession(self.worker(base_model), base_model)
+        else:
+            raise InvalidInputError("model_path", "give model_path or base_model")
+        with self._lock:
+            self._sessions[session.session_id] = session
+        return session
+
+    def sampling_session(self, session_id: str) -> SamplingSession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFoundError(f"sampling_session_id: no sampling session {session_id!r}")
+        return session
+
+    def sample(self, session_id: str, *args, **kwargs) -> Future:
+        """`SamplingSession.sample`: checked now, decoded in a batch with concurrent requests."""
+        return self.sampling_session(session_id).sample(*args, **kwargs)
+
+    def compute_logprobs(self, session_id: str, prompt) -> Future[list[float | None]]:
+        return self.sampling_session(session_id).compute_logprobs(prompt)

@@ -7,6 +7,7 @@ worker and the engine.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bios.engine.batch import PackedBatch
+from bios.engine.kept_graph import KeptForward
 from bios.errors import InvalidInputError
 from bios.models.lora import AdapterHost, LoRAAdapter
 from bios.objectives import REF_LOGPROBS, Objective
@@ -54,7 +56,7 @@ def target_logprobs(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     return gather_logprobs(batch_logits(model, batch), batch)
 
 
-def _checked_custom_result(result: object) -> tuple[torch.Tensor, dict[str, float]]:
+def checked_custom_result(result: object) -> tuple[torch.Tensor, dict[str, float]]:
     """The (loss, metrics) a custom loss returned, or an error saying what is wrong with it."""
     if not (isinstance(result, tuple) and len(result) == 2):
         raise InvalidInputError(
@@ -101,6 +103,8 @@ class TrainingRun:
         self.parameters = self._trainable()
         self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=0.0, foreach=True)
         self.steps = 0
+        self.weights_version = 0  # changes whenever the weights do; a kept graph must match it
+        self.kept: KeptForward | None = None
 
     @property
     def is_lora(self) -> bool:
@@ -130,21 +134,34 @@ class TrainingRun:
         config: dict[str, float],
         backward: bool,
         reference: LoRAAdapter | None = None,
+        keep_graph: bool = False,
     ) -> ForwardBackwardOutput:
         """Per-token logprobs and the objective; with `backward`, gradients are accumulated.
 
         Objectives that compare with a reference policy get `ref_logprobs` from the data, or
         else from `reference` (an adapter on the shared base; None is the base model itself).
+        `keep_graph` keeps a forward's graph for a backward on the same tokens that follows it
+        (see `kept_graph.py`); such a backward then skips its forward pass.
         """
+        kept, self.kept = self.kept, None
         inputs = batch.inputs
         if objective.needs_reference and REF_LOGPROBS not in inputs:
             inputs = {**inputs, REF_LOGPROBS: self.reference_logprobs(batch, reference)}
-        with torch.set_grad_enabled(backward), self.model() as model:
-            logprobs = target_logprobs(model, batch)
+        with torch.set_grad_enabled(backward or keep_graph), self.model() as model:
+            if backward and kept is not None and kept.serves(batch, self.weights_version):
+                logprobs = kept.logprobs
+            else:
+                logprobs = target_logprobs(model, batch)
             loss, metrics = objective.fn(logprobs, inputs, config)
             if backward:
                 loss.backward()
+        if keep_graph and not backward:
+            self.kept = KeptForward.of(batch, logprobs, self.weights_version)
         return _output(batch, logprobs, loss, metrics)
+
+    def drop_expired_graph(self) -> None:
+        if self.kept is not None and time.monotonic() >= self.kept.expires:
+            self.kept = None
 
     def forward_backward_custom(
         self, batch: PackedBatch, data: Sequence[Datum], loss_fn: CustomLossFn, input_type: str
@@ -155,11 +172,12 @@ class TrainingRun:
         `input_type="logits"`, the logits (N, V) at each position. Its result is checked before
         the backward pass, so a bad loss leaves the gradients as they were.
         """
+        self.kept = None
         with torch.enable_grad(), self.model() as model:
             logits = batch_logits(model, batch)
             logprobs = gather_logprobs(logits, batch)
             given = batch.split(logprobs if input_type == "logprobs" else logits[batch.mask])
-            loss, metrics = _checked_custom_result(loss_fn(list(data), given))
+            loss, metrics = checked_custom_result(loss_fn(list(data), given))
             loss.backward()
         return _output(batch, logprobs, loss, metrics)
 
@@ -175,6 +193,7 @@ class TrainingRun:
         The gradient norm is always measured; with `grad_clip_norm` > 0 the gradients are first
         scaled down to that norm, as `torch.nn.utils.clip_grad_norm_` does.
         """
+        self.kept = None
         grads = [p.grad for p in self.parameters.values() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
         if params.grad_clip_norm > 0 and grads:
@@ -191,6 +210,7 @@ class TrainingRun:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+        self.weights_version += 1
         return OptimStepResponse(
             metrics={"grad_norm": float(grad_norm), "learning_rate": params.learning_rate}
         )
@@ -238,6 +258,7 @@ class TrainingRun:
             for name, tensor in weights.items():
                 self.parameters[name].copy_(tensor)
                 self.parameters[name].grad = None
+        self.weights_version += 1
         self.optimizer.state.clear()
         for name, state in optimizer_state.items():
             self.optimizer.state[self.parameters[name]] = state

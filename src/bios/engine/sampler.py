@@ -1,0 +1,350 @@
+"""Batched sampling with a KV cache: the arithmetic of `SamplingClient.sample`.
+
+One call of `generate` decodes a batch of requests (each a prompt and `num_samples`) together:
+
+1. Prefill: each prompt runs through the model once, filling a `DynamicCache` of batch 1 (and,
+   when asked for, giving the prompt's logprobs). Prompts are prefilled one by one so that each is
+   computed exactly as it would be alone, with no padding.
+2. The first token of every sample is chosen from the prompt's last logits. Only if a row is still
+   running is the decode cache built: each prompt's keys and values, left-padded to the longest
+   prompt of the batch and repeated once per sample (`bios.engine.kv_cache.batch_cache`). Padded
+   positions are masked out, and every row has its own position ids, so padding changes nothing.
+3. Decode: one forward of the batch's newest tokens per step (the cache appends in place, see
+   `bios.engine.kv_cache`). Rows stop on a stop token (the tokenizer's end-of-sequence tokens
+   always count), a stop string or `max_tokens`; finished rows are dropped from the batch (and
+   cache) once they are a quarter of it.
+
+Token choice (`choose_tokens`) for logits z, temperature T, top-k k and top-p p:
+
+    q = softmax(z / T);  keep the k most probable tokens (k = -1: all);  then keep the smallest
+    set of the most probable remaining tokens whose renormalised mass reaches p (p = 1: all);
+    π = q renormalised over the kept set;  draw a token from π;  report log π(token).
+
+So the reported logprob is that of the distribution actually sampled from: with T = 1, k = -1,
+p = 1 it is the model's own log p(token | context), the value `forward` computes. T = 0 is greedy
+(argmax of z) and reports 0.0, the log-probability of a point mass; ask `compute_logprobs` for
+the model's own logprobs of a greedy sequence.
+
+Randomness: each request owns a `torch.Generator` seeded with its seed and draws `num_samples`
+uniforms per step (inverse-CDF sampling, one uniform per row), so a request's tokens depend on its
+seed only, never on which other requests share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from bios.engine.kv_cache import batch_cache
+from bios.types import SampledSequence, SampleResponse, StopReason
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Validated sampling parameters of one request (`stop_ids` includes the EOS tokens)."""
+
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass
+class SampleRequest:
+    """One validated `sample` call: a prompt, how many samples, and how to draw them."""
+
+    prompt: list[int]
+    num_samples: int
+    settings: SampleSettings
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    uniforms: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of `logits` (R, V) and return (tokens, log π(token)), both (R,).
+
+    π is softmax(logits / temperature) truncated to the `top_k` most probable tokens, then to the
+    smallest most-probable set whose mass reaches `top_p`, and renormalised (see the module
+    docstring). `uniforms` (R,) in [0, 1) pick the token by inverse CDF: the first token whose
+    cumulative probability exceeds u times the total. Temperature 0 is argmax, logprob 0.0.
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1), torch.zeros(logits.shape[0])
+    assert uniforms is not None
+    scores = logits.float() if temperature == 1.0 else logits.float() / temperature
+    candidates = None  # the vocabulary ids of the columns of `scores`, once truncated or sorted
+    if 0 < top_k < scores.shape[-1]:
+        scores, candidates = scores.topk(top_k, dim=-1)  # sorted, most probable first
+    if top_p < 1.0:
+        if candidates is None:
+            scores, candidates = scores.sort(dim=-1, descending=True)
+        probs = scores.softmax(dim=-1)
+        # A token is kept while the mass of the tokens before it is still short of top_p, so the
+        # kept set is the smallest one reaching top_p and always holds the most probable token.
+        scores = scores.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    logprobs = scores.log_softmax(dim=-1)
+    # float64: a float32 running sum over ~50k entries drifts by ~1e-5, a visible bias.
+    cdf = logprobs.double().exp().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # x < total always, so the token found has cdf[i] > x >= cdf[i-1]: a positive probability.
+    below_total = torch.nextafter(total, torch.zeros_like(total))
+    target = torch.minimum(uniforms[:, None] * total, below_total)
+    column = torch.searchsorted(cdf, target, right=True)
+    chosen = logprobs.gather(-1, column)[:, 0]
+    tokens = column[:, 0] if candidates is None else candidates.gather(-1, column)[:, 0]
+    return tokens, chosen
+
+
+@dataclass
+class _Prefill:
+    cache: DynamicCache
+    last_logits: torch.Tensor  # (V,)
+    prompt_logprobs: list[float | None] | None = None
+    topk: list[list[tuple[int, float]] | None] | None = None
+
+
+def _prefill(model: nn.Module, request: SampleRequest) -> _Prefill:
+    """One forward over the prompt; the lm_head runs on every position only if logprobs are due."""
+    every_position = request.prompt_logprobs or request.topk_prompt_logprobs > 0
+    cache = DynamicCache()
+    logits = model(
+        input_ids=torch.tensor([request.prompt]),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=0 if every_position else 1,
+    ).logits[0]
+    result = _Prefill(cache=cache, last_logits=logits[-1].float())
+    if every_position:
+        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+        if request.prompt_logprobs:
+            targets = torch.tensor(request.prompt[1:])[:, None]
+            result.prompt_logprobs = [None, *logprobs.gather(-1, targets)[:, 0].tolist()]
+        if request.topk_prompt_logprobs > 0:
+            values, ids = logprobs.topk(min(request.topk_prompt_logprobs, logprobs.shape[-1]))
+            rows = zip(ids.tolist(), values.tolist(), strict=True)
+            result.topk = [None, *(list(zip(i, v, strict=True)) for i, v in rows)]
+    return result
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: nn.Module, tokens: list[int]) -> list[float | None]:
+    """log p(tokens[i] | tokens[:i]) for i ≥ 1, with None first: one forward, no cache."""
+    logits = model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0, :-1].float()
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(tokens[1:])[:, None])
+    return [None, *picked[:, 0].tolist()]
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, requests: list[SampleRequest], tokenizer) -> list[SampleResponse]:
+    """Decode `requests` as one batch on `model`; one `SampleResponse` per request, in order.
+
+    `tokenizer` decodes the tail of a sequence when a request has stop strings.
+    """
+    return _Decoder(model, requests, tokenizer).run()
+
+
+@dataclass
+class _Segment:
+    """The rows of one request inside the decode batch: contiguous, in sample order."""
+
+    request: int
+    rows: slice
+    samples: torch.Tensor | None  # sample index of each of those rows; None when all are there
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded (by original row id), their state, and their KV cache."""
+
+    ids: torch.Tensor  # (B,) grouped by request, in request order
+    alive: torch.Tensor  # (B,) False once a row has finished, until it is dropped
+    positions: torch.Tensor  # (B,) position id of the next token fed to the model
+    segments: list[_Segment] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    mask: torch.Tensor | None = None  # (B, longest prompt + steps) when prompt lengths differ
+
+
+class _Decoder:
+    """The state of one `generate` call: per-row outputs indexed by original row id."""
+
+    def __init__(self, model: nn.Module, requests: list[SampleRequest], tokenizer) -> None:
+        self.model, self.requests, self.tokenizer = model, requests, tokenizer
+        counts = torch.tensor([r.num_samples for r in requests])
+        self.request_of = torch.repeat_interleave(torch.arange(len(requests)), counts)
+        self.first_row = (torch.cumsum(counts, 0) - counts).tolist()
+        self.sample_of = torch.arange(len(self.request_of)) - torch.repeat_interleave(
+            torch.tensor(self.first_row), counts
+        )
+        self.generators = [torch.Generator().manual_seed(r.settings.seed) for r in requests]
+        stop_ids = [r.settings.stop_ids for r in requests]
+        width = max(1, *(len(ids) for ids in stop_ids))
+        table = torch.tensor([[*ids, *([-1] * (width - len(ids)))] for ids in stop_ids])
+        self.stop_table = table[self.request_of]  # (rows, width), padded with -1
+        self.limit = torch.tensor([r.settings.max_tokens for r in requests])[self.request_of]
+        # A stop string ending in the newest token lies within the last (its bytes + 1) tokens,
+        # since every token adds at least one byte; decoding that window is enough.
+        self.window = [
+            1 + max((len(s.encode()) for s in r.settings.stop_strings), default=0) for r in requests
+        ]
+        self.any_strings = any(r.settings.stop_strings for r in requests)
+        self.steps = max(r.settings.max_tokens for r in requests)
+        rows = len(self.request_of)
+        self.tokens = torch.zeros(rows, self.steps, dtype=torch.int64)
+        self.logprobs = torch.zeros(rows, self.steps)
+        self.lengths = torch.zeros(rows, dtype=torch.int64)
+        self.stopped = torch.zeros(rows, dtype=torch.bool)
+
+    def run(self) -> list[SampleResponse]:
+        prefills = [_prefill(self.model, r) for r in self.requests]
+        logits = torch.cat(
+            [
+                p.last_logits.expand(r.num_samples, -1)
+                for p, r in zip(prefills, self.requests, strict=True)
+            ]
+        )
+        rows = len(self.request_of)
+        prompt_lengths = torch.tensor([len(r.prompt) for r in self.requests])
+        batch = _Batch(
+            ids=torch.arange(rows),
+            alive=torch.ones(rows, dtype=torch.bool),
+            positions=prompt_lengths[self.request_of],
+        )
+        batch.segments = self._segments(batch.ids)
+        for step in range(self.steps):
+            tokens = self._choose(batch, logits, step)
+            if not batch.alive.any():
+                break
+            if batch.cache is None:
+                # Built only now: a batch whose rows all stop at once (max_tokens=1) needs none.
+                tokens = self._keep_alive(batch, tokens)
+                self._build_cache(batch, prefills)
+            elif int((~batch.alive).sum()) * 4 >= len(batch.ids):
+                tokens = self._keep_alive(batch, tokens)
+            logits = self._forward(batch, tokens)
+        return self._responses(prefills)
+
+    def _segments(self, ids: torch.Tensor) -> list[_Segment]:
+        requests, counts = torch.unique_consecutive(self.request_of[ids], return_counts=True)
+        segments, start = [], 0
+        for request, count in zip(requests.tolist(), counts.tolist(), strict=True):
+            rows = slice(start, start + count)
+            whole = count == self.requests[request].num_samples
+            segments.append(_Segment(request, rows, None if whole else self.sample_of[ids[rows]]))
+            start += count
+        return segments
+
+    def _choose(self, batch: _Batch, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """Choose a token for every row, record those of the live rows, mark finished rows."""
+        tokens = torch.zeros(len(batch.ids), dtype=torch.int64)
+        logprobs = torch.zeros(len(batch.ids))
+        for segment in batch.segments:
+            if not batch.alive[segment.rows].any():
+                continue  # finished rows waiting to be dropped: any token will do
+            request = self.requests[segment.request]
+            s = request.settings
+            uniforms = None
+            if s.temperature > 0:
+                # num_samples uniforms per step while the request runs, whatever the batch holds,
+                # so the request's random stream depends on its seed alone.
+                generator = self.generators[segment.request]
+                uniforms = torch.rand(request.num_samples, generator=generator, dtype=torch.float64)
+                if segment.samples is not None:
+                    uniforms = uniforms[segment.samples]
+            tokens[segment.rows], logprobs[segment.rows] = choose_tokens(
+                logits[segment.rows], s.temperature, s.top_k, s.top_p, uniforms
+            )
+        live = batch.alive.nonzero()[:, 0]
+        ids = batch.ids[live]
+        self.tokens[ids, step] = tokens[live]
+        self.logprobs[ids, step] = logprobs[live]
+        stop = (tokens[live, None] == self.stop_table[ids]).any(dim=-1)
+        if self.any_strings:
+            stop |= self._stop_strings(ids, step)
+        done = stop | (step + 1 >= self.limit[ids])
+        self.lengths[ids[done]] = step + 1
+        self.stopped[ids[done]] = stop[done]
+        batch.alive[live[done]] = False
+        return tokens
+
+    def _stop_strings(self, ids: torch.Tensor, step: int) -> torch.Tensor:
+        hits = torch.zeros(len(ids), dtype=torch.bool)
+        for index, row in enumerate(ids.tolist()):
+            request = int(self.request_of[row])
+            strings = self.requests[request].settings.stop_strings
+            if strings:
+                start = max(0, step + 1 - self.window[request])
+                text = self.tokenizer.decode(self.tokens[row, start : step + 1].tolist())
+                hits[index] = any(s in text for s in strings)
+        return hits
+
+    # ---- the batch and its cache ----------------------------------------------------------------
+
+    def _keep_alive(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """Drop finished rows from the batch (and its cache); returns the live rows' tokens."""
+        keep = batch.alive.nonzero()[:, 0]
+        batch.ids, batch.positions = batch.ids[keep], batch.positions[keep]
+        batch.alive = torch.ones(len(keep), dtype=torch.bool)
+        batch.segments = self._segments(batch.ids)
+        if batch.cache is not None:
+            batch.cache.batch_select_indices(keep)
+        if batch.mask is not None:
+            batch.mask = batch.mask[keep]
+        return tokens[keep]
+
+    def _build_cache(self, batch: _Batch, prefills: list[_Prefill]) -> None:
+        caches = [prefills[s.request].cache for s in batch.segments]
+        counts = [s.rows.stop - s.rows.start for s in batch.segments]
+        batch.cache, batch.mask = batch_cache(caches, counts, self.steps)
+        for prefill in prefills:
+            prefill.cache = None  # the batch cache holds copies now
+
+    def _forward(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after feeding each row its newest token."""
+        assert batch.cache is not None
+        mask = None
+        if batch.mask is not None:
+            mask = batch.mask[:, : batch.cache.get_seq_length() + 1]
+        logits = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=batch.positions[:, None],
+            past_key_values=batch.cache,
+            use_cache=True,
+        ).logits[:, -1]
+        batch.positions += 1
+        return logits.float()
+
+    def _responses(self, prefills: list[_Prefill]) -> list[SampleResponse]:
+        responses = []
+        for index, (request, prefill) in enumerate(zip(self.requests, prefills, strict=True)):
+            sequences = []
+            for row in range(self.first_row[index], self.first_row[index] + request.num_samples):
+                length = int(self.lengths[row])
+                reason: StopReason = "stop" if self.stopped[row] else "length"
+                sequences.append(
+                    SampledSequence(
+                        stop_reason=reason,
+                        tokens=self.tokens[row, :length].tolist(),
+                        logprobs=self.logprobs[row, :length].tolist(),
+                    )
+                )
+            responses.append(
+                SampleResponse(
+                    sequences=sequences,
+                    prompt_logprobs=prefill.prompt_logprobs,
+                    topk_prompt_logprobs=prefill.topk,
+                )
+            )
+        return responses

@@ -1,0 +1,327 @@
+"""Sampling sessions: immutable snapshots of weights, request checks, and request batching.
+
+A session samples from fixed weights on a base model's worker:
+
+- a LoRA snapshot holds a frozen copy of the run's adapter (A and B only) and applies it to the
+  shared base model through the `AdapterHost` hooks, so snapshots of many runs share one copy of
+  the base weights;
+- a full fine-tuning snapshot holds a frozen copy of the run's whole model;
+- a base-model session holds nothing of its own.
+
+Requests are checked in the caller's thread (`InvalidInputError` naming the field, nothing
+queued) and put on the session's queue; each also submits a drain task to the worker. The worker
+runs tasks one at a time, so while it is busy requests pile up, and the next drain decodes every
+pending request of the session in one batch (`bios.engine.sampler.generate`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import secrets
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from torch import nn
+
+from bios.engine.runs import FULL_WEIGHTS_FILE, STATE_FILE, TrainingRun
+from bios.engine.sampler import SampleRequest, SampleSettings, generate, prompt_logprobs
+from bios.engine.worker import ModelWorker
+from bios.errors import InvalidInputError
+from bios.models.loading import LoadedModel, load_model
+from bios.models.lora import LoRAAdapter, find_targets
+from bios.types import ModelInput, SampleResponse, SamplingParams
+
+
+def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    """The tokens that always end a sample: the generation config's EOS ids and the tokenizer's."""
+    eos = loaded.model.generation_config.eos_token_id
+    ids = {eos} if isinstance(eos, int) else set(eos or [])
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(loaded.tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    """A detached copy with no gradients, for a snapshot that later training cannot change."""
+    clone = copy.deepcopy(module)
+    for param in clone.parameters():
+        param.grad = None
+    return clone.requires_grad_(False).eval()
+
+
+class SamplingSession:
+    """Fixed weights to sample from, and the queue of requests waiting for the worker."""
+
+    max_batch_rows = 64  # rows (samples) decoded together at most; bounds the KV cache
+
+    def __init__(
+        self,
+        worker: ModelWorker,
+        base_model: str,
+        adapter: LoRAAdapter | None = None,
+        full_model: nn.Module | None = None,
+    ) -> None:
+        self.session_id = uuid.uuid4().hex[:16]
+        self.worker = worker
+        self.base_model = base_model
+        self._adapter = adapter
+        self._full_model = full_model
+        self.eos_ids = eos_token_ids(worker.loaded)
+        self._pending: list[tuple[SampleRequest, Future]] = []
+        self._lock = threading.Lock()
+        self.batch_sizes: deque[int] = deque(maxlen=256)  # requests per decode batch, latest last
+
+    @classmethod
+    def of_run(cls, worker: ModelWorker, run: TrainingRun) -> SamplingSession:
+        """A snapshot of a run's current weights; call it on the worker thread, in request order."""
+        if run.adapter is not None:
+            return cls(worker, run.base_model, adapter=_frozen(run.adapter))
+        assert run.full_model is not None
+        return cls(worker, run.base_model, full_model=_frozen(run.full_model))
+
+    @classmethod
+    def of_checkpoint(
+        cls, folder: Path, worker_of: Callable[[str], ModelWorker], field: str = "model_path"
+    ) -> SamplingSession:
+        """A session on the weights saved in `folder` (a LoRA adapter or full weights)."""
+        state = folder / STATE_FILE
+        if not state.is_file():
+            raise InvalidInputError(field, f"{folder.name}: not a Bios checkpoint ({STATE_FILE})")
+        base_model = json.loads(state.read_text())["base_model"]
+        worker = worker_of(base_model)
+        if (folder / "adapter_config.json").is_file():
+            adapter = LoRAAdapter.load_peft(folder).requires_grad_(False)
+            _check_adapter_fits(adapter, worker.loaded.model, field)
+            return cls(worker, base_model, adapter=adapter)
+        if (folder / FULL_WEIGHTS_FILE).is_file():
+            model = load_model(base_model).model
+            result = model.load_state_dict(load_file(folder / FULL_WEIGHTS_FILE), strict=False)
+            if result.unexpected_keys:
+                raise InvalidInputError(
+                    field, f"weights not in {base_model}: {result.unexpected_keys[:3]}"
+                )
+            return cls(worker, base_model, full_model=model.requires_grad_(False).eval())
+        raise InvalidInputError(field, f"{folder.name}: holds neither an adapter nor full weights")
+
+    @property
+    def tokenizer(self):
+        """The base model's tokenizer (shared: treat it as read-only)."""
+        return self.worker.loaded.tokenizer
+
+    @contextmanager
+    def model(self) -> Iterator[nn.Module]:
+        """The model with this session's weights in effect (worker thread only)."""
+        if self._full_model is not None:
+            yield self._full_model
+        else:
+            with self.worker.host.use(self._adapter) as model:
+                yield model
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def sample(
+        self,
+        prompt: ModelInput | Sequence[int],
+        num_samples: int,
+        sampling_params: SamplingParams | dict[str, Any],
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> Future[SampleResponse]:
+        """Check and queue a request; it is decoded with all requests pending at its turn."""
+        request = self.check_request(
+            prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
+        )
+        future: Future[SampleResponse] = Future()
+        with self._lock:
+            self._pending.append((request, future))
+        self.worker.submit(self._drain)
+        return future
+
+    def compute_logprobs(self, prompt: ModelInput | Sequence[int]) -> Future[list[float | None]]:
+        """log p(prompt[i] | prompt[:i]) under this session's weights; None at position 0."""
+        tokens = self._check_prompt(prompt)
+
+        def run() -> list[float | None]:
+            with self.model() as model:
+                return prompt_logprobs(model, tokens)
+
+        return self.worker.submit(run)
+
+    def _drain(self) -> None:
+        """Decode the pending requests (up to `max_batch_rows` rows) as one batch."""
+        with self._lock:
+            taken, rows = 0, 0
+            while taken < len(self._pending):
+                count = self._pending[taken][0].num_samples
+                if taken > 0 and rows + count > self.max_batch_rows:
+                    break
+                taken, rows = taken + 1, rows + count
+            batch, self._pending = self._pending[:taken], self._pending[taken:]
+        batch = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
+        if not batch:
+            return  # an earlier drain took them
+        self.batch_sizes.append(len(batch))
+        try:
+            with self.model() as model:
+                responses = generate(model, [r for r, _ in batch], self.worker.loaded.tokenizer)
+        except BaseException as error:
+            for _, future in batch:
+                future.set_exception(error)
+            return
+        for (_, future), response in zip(batch, responses, strict=True):
+            future.set_result(response)
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def _check_prompt(self, prompt: ModelInput | Sequence[int], field: str = "prompt") -> list[int]:
+        if isinstance(prompt, ModelInput):
+            tokens = prompt.to_ints()
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, str):
+            tokens = list(prompt)
+        else:
+            raise InvalidInputError(field, f"expected a ModelInput, got {type(prompt).__name__}")
+        if not tokens:
+            raise InvalidInputError(field, "is empty")
+        vocab = self.worker.vocab_size
+        for position, token in enumerate(tokens):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise InvalidInputError(
+                    field,
+                    f"token id {token!r} at position {position} is outside the vocabulary "
+                    f"[0, {vocab})",
+                )
+        if len(tokens) > self.worker.max_length:
+            raise InvalidInputError(
+                field,
+                f"length {len(tokens)} exceeds the model's context of {self.worker.max_length}",
+            )
+        return tokens
+
+    def check_request(
+        self,
+        prompt: ModelInput | Sequence[int],
+        num_samples: int,
+        sampling_params: SamplingParams | dict[str, Any],
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> SampleRequest:
+        """A validated request; raises InvalidInputError naming the first bad field."""
+        tokens = self._check_prompt(prompt)
+        if not _is_int(num_samples) or num_samples < 1:
+            raise InvalidInputError("num_samples", f"expected an integer ≥ 1, got {num_samples!r}")
+        if not isinstance(include_prompt_logprobs, bool):
+            raise InvalidInputError(
+                "include_prompt_logprobs", f"expected a bool, got {include_prompt_logprobs!r}"
+            )
+        vocab = self.worker.vocab_size
+        if not _is_int(topk_prompt_logprobs) or not 0 <= topk_prompt_logprobs <= vocab:
+            raise InvalidInputError(
+                "topk_prompt_logprobs",
+                f"expected an integer in [0, {vocab}], got {topk_prompt_logprobs!r}",
+            )
+        settings = self._check_params(sampling_params, len(tokens))
+        return SampleRequest(
+            tokens, num_samples, settings, include_prompt_logprobs, topk_prompt_logprobs
+        )
+
+    def _check_params(
+        self, params: SamplingParams | dict[str, Any], prompt_length: int
+    ) -> SampleSettings:
+        if isinstance(params, dict):
+            try:
+                params = SamplingParams(**params)
+            except ValidationError as error:
+                where = ".".join(str(p) for p in error.errors()[0]["loc"])
+                raise InvalidInputError(
+                    f"sampling_params.{where}", error.errors()[0]["msg"]
+                ) from None
+        if not isinstance(params, SamplingParams):
+            raise InvalidInputError(
+                "sampling_params", f"expected SamplingParams, got {type(params).__name__}"
+            )
+        context = self.worker.max_length
+        room = context - prompt_length
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if not _is_int(max_tokens) or max_tokens < 1:
+            raise InvalidInputError(
+                "sampling_params.max_tokens", f"expected an integer ≥ 1, got {max_tokens!r}"
+            )
+        if max_tokens > room:
+            raise InvalidInputError(
+                "sampling_params.max_tokens",
+                f"prompt ({prompt_length} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {context}",
+            )
+        temperature = params.temperature
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidInputError(
+                "sampling_params.temperature", f"expected a finite number ≥ 0, got {temperature}"
+            )
+        if not _is_int(params.top_k) or not (params.top_k == -1 or params.top_k >= 1):
+            raise InvalidInputError(
+                "sampling_params.top_k", f"expected -1 (off) or an integer ≥ 1, got {params.top_k}"
+            )
+        if not math.isfinite(params.top_p) or not 0 < params.top_p <= 1:
+            raise InvalidInputError(
+                "sampling_params.top_p", f"expected a number in (0, 1], got {params.top_p}"
+            )
+        strings, ids = self._check_stop(params.stop)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        if not _is_int(seed):
+            raise InvalidInputError("sampling_params.seed", f"expected an integer, got {seed!r}")
+        return SampleSettings(
+            max_tokens=max_tokens,
+            temperature=float(temperature),
+            top_k=params.top_k,
+            top_p=float(params.top_p),
+            seed=seed % 2**64,  # the range torch.Generator.manual_seed takes
+            stop_ids=tuple(sorted({*ids, *self.eos_ids})),
+            stop_strings=strings,
+        )
+
+    def _check_stop(self, stop: object) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """(stop strings, stop token ids) from `stop`: a string, a list of strings or of ids."""
+        if stop is None:
+            return (), ()
+        items = [stop] if isinstance(stop, str) else list(stop)  # type: ignore[call-overload]
+        if all(isinstance(s, str) for s in items):
+            if any(s == "" for s in items):
+                raise InvalidInputError("sampling_params.stop", "stop strings must not be empty")
+            return tuple(items), ()
+        vocab = self.worker.vocab_size
+        for token in items:
+            if not _is_int(token) or not 0 <= token < vocab:
+                raise InvalidInputError(
+                    "sampling_params.stop",
+                    f"expected strings or token ids in [0, {vocab}), got {token!r}",
+                )
+        return (), tuple(items)
+
+
+def _check_adapter_fits(adapter: LoRAAdapter, model: nn.Module, field: str) -> None:
+    """Every adapted layer exists in `model` with the adapter's shapes."""
+    short_names = tuple({name.rsplit(".", 1)[-1] for name in adapter.module_names})
+    targets = find_targets(model, short_names)
+    for name, factor, param in adapter.named_factors():
+        layer = targets.get(name)
+        if layer is None:
+            raise InvalidInputError(field, f"adapter layer {name} is not in the base model")
+        expected = layer.in_features if factor == "lora_A" else layer.out_features
+        if param.shape[1 if factor == "lora_A" else 0] != expected:
+            raise InvalidInputError(
+                field, f"adapter layer {name}.{factor} has shape {list(param.shape)}"
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

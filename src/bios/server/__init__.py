@@ -1,0 +1,1 @@
+"""`bios serve`: the engine behind HTTP, speaking Tinker's wire protocol."""

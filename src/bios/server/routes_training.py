@@ -1,0 +1,314 @@
+"""Training routes: create_model, get_info, forward(_backward), optim_step, save/load weights.
+
+Every compute request answers `{request_id}` and is executed in `seq_id` order per model (see
+`sequencer.py`). A request that is next in line is validated at once, so a bad one is answered
+with a 400 naming the field; one that arrives early is validated when its turn comes and its
+error is reported through its future.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import zstandard
+from fastapi import APIRouter, Request
+
+from bios.engine.checkpoints import CheckpointPath, checkpoint_folder
+from bios.engine.runs import STATE_FILE
+from bios.errors import InvalidInputError, NotFoundError
+from bios.server import tinker_wire
+from bios.server.auth import Tenant
+from bios.server.state import ServerState
+from bios.server.wire import (
+    CreateModelBody,
+    ForwardBackwardBody,
+    LoadWeightsBody,
+    ModelBody,
+    OptimStepBody,
+    SaveWeightsBody,
+    WeightsInfoBody,
+)
+from bios.types import LoraConfig
+
+
+def then(future: Future, fn: Callable[[Any], Any]) -> Future:
+    """A future of `fn(result)`; `fn` runs before anyone waiting on the new future wakes."""
+    out: Future = Future()
+
+    def done(source: Future) -> None:
+        try:
+            out.set_result(fn(source.result()))
+        except BaseException as error:  # reported through the future
+            out.set_exception(error)
+
+    future.add_done_callback(done)
+    return out
+
+
+def tinker_uri(path: str) -> str:
+    """Paths go out in the SDK's `tinker://` form; Bios's client maps them back."""
+    return CheckpointPath.parse(path).uri("tinker://")
+
+
+def add_routes(api: APIRouter, state: ServerState) -> None:
+    def sequenced(model_id: str, seq_id: int | None, kind: str, tenant, action) -> dict:
+        state.run_row(model_id, tenant)
+        state.store.touch_run(model_id)
+        future = state.sequencer.submit(model_id, seq_id, action)
+        if future.done() and isinstance(future.exception(), InvalidInputError):
+            raise future.exception()
+        return {"request_id": state.submit(future, kind, model_id, tenant), "model_id": model_id}
+
+    @api.post("/create_model")
+    def create_model(body: CreateModelBody, tenant: Tenant) -> dict:
+        state.check_model(body.base_model)
+        lora = None
+        if not body.full_finetune:
+            lora = LoraConfig(**(body.lora_config.model_dump() if body.lora_config else {}))
+            if lora.rank <= 0:
+                raise InvalidInputError(
+                    "lora_config.rank", f"expected a positive integer, got {lora.rank}"
+                )
+
+        run_id = derived_run_id(state, body.session_id, body.model_seq_id, tenant)
+
+        def create() -> dict:
+            created = state.engine.create_run(body.base_model, lora, run_id)
+            lora_row = lora.model_dump() if lora is not None else None
+            state.store.add_run(
+                created, tenant, body.session_id, body.base_model, lora_row, body.user_metadata
+            )
+            state.sequencer.start(created)
+            return {"model_id": created, "type": "create_model"}
+
+        future = state.control.submit(create)
+        return {"request_id": state.submit(future, "create_model", None, tenant)}
+
+    @api.post("/get_info")
+    def get_info(body: ModelBody, tenant: Tenant) -> dict:
+        row = state.run_row(body.model_id, tenant)
+        info = state.engine.get_info(body.model_id).model_dump(mode="json")
+        # The SDK loads the tokenizer client-side from this id: a hub id where there is one.
+        worker = state.engine.worker(row["base_model"])
+        tokenizer_id = (
+            row["base_model"]
+            if not row["base_model"].startswith(("/", "."))
+            else str(worker.loaded.path)
+        )
+        info["model_data"]["tokenizer_id"] = tokenizer_id
+        return info
+
+    @api.post("/unload_model")
+    def unload_model(body: ModelBody, tenant: Tenant) -> dict:
+        state.run_row(body.model_id, tenant)
+        future = state.control.submit(lambda: {"model_id": body.model_id, "type": "unload_model"})
+        return {"request_id": state.submit(future, "unload_model", body.model_id, tenant)}
+
+    async def read_forward_backward(
+        request: Request,
+    ) -> tuple[str, int | None, Callable[[], Future]]:
+        raw = await request.body()
+        if request.headers.get("content-encoding", "") == "zstd":
+            try:
+                raw = zstandard.ZstdDecompressor().decompress(
+                    raw, max_output_size=state.config.max_body_bytes
+                )
+            except zstandard.ZstdError as error:
+                raise InvalidInputError("body", f"not valid zstd ({error})") from None
+        if request.headers.get("content-type", "").startswith(tinker_wire.PROTOBUF):
+            call = tinker_wire.decode_forward_backward(raw)
+            model_id, seq_id = call.model_id, call.seq_id
+            data, loss_fn, config, reference = call.data, call.loss_fn, call.loss_fn_config, None
+            forward_only = call.forward_only
+        else:
+            try:
+                body = ForwardBackwardBody.model_validate(json.loads(raw or b"null"))
+            except (ValueError, TypeError) as error:
+                raise InvalidInputError(
+                    "body", f"not a forward_backward request ({error})"
+                ) from None
+            payload = body.forward_backward_input or body.forward_input
+            if payload is None:
+                raise InvalidInputError("forward_backward_input", "missing")
+            model_id, seq_id = body.model_id, body.seq_id
+            data, loss_fn, config, reference = (
+                payload.data,
+                payload.loss_fn,
+                payload.loss_fn_config,
+                payload.reference,
+            )
+            forward_only = body.forward_only or body.forward_input is not None
+
+        def action() -> Future:
+            return state.engine.forward_backward(
+                model_id,
+                data,
+                loss_fn,
+                config,
+                backward=not forward_only,
+                reference=reference,
+                keep_graph=forward_only,
+            )
+
+        return model_id, seq_id, action
+
+    @api.post("/forward_backward")
+    async def forward_backward(request: Request, tenant: Tenant) -> dict:
+        model_id, seq_id, action = await read_forward_backward(request)
+        return sequenced(model_id, seq_id, "forward_backward", tenant, action)
+
+    @api.post("/forward")
+    async def forward(request: Request, tenant: Tenant) -> dict:
+        model_id, seq_id, action = await read_forward_backward(request)
+        return sequenced(model_id, seq_id, "forward", tenant, action)
+
+    @api.post("/optim_step")
+    def optim_step(body: OptimStepBody, tenant: Tenant) -> dict:
+        return sequenced(
+            body.model_id,
+            body.seq_id,
+            "optim_step",
+            tenant,
+            lambda: state.engine.optim_step(body.model_id, body.adam_params),
+        )
+
+    def saved(model_id: str, tenant, kind: str) -> Callable[[str], dict]:
+        def record(path: str) -> dict:
+            folder = checkpoint_folder(state.engine.home, path)
+            size = sum(f.stat().st_size for f in folder.iterdir())
+            parsed = CheckpointPath.parse(path)
+            state.store.add_checkpoint(model_id, parsed.kind, parsed.name, tenant, size)
+            key = "save_weights" if kind == "weights" else "save_weights_for_sampler"
+            return {"path": tinker_uri(path), "type": key}
+
+        return record
+
+    @api.post("/save_weights")
+    def save_weights(body: SaveWeightsBody, tenant: Tenant) -> dict:
+        if not body.path:
+            raise InvalidInputError("path", "a checkpoint name is required")
+        return sequenced(
+            body.model_id,
+            body.seq_id,
+            "save_weights",
+            tenant,
+            lambda: then(
+                state.engine.save_state(body.model_id, body.path, "weights", body.overwrite),
+                saved(body.model_id, tenant, "weights"),
+            ),
+        )
+
+    @api.post("/save_weights_for_sampler")
+    def save_weights_for_sampler(body: SaveWeightsBody, tenant: Tenant) -> dict:
+        if body.path:
+            action = lambda: then(  # noqa: E731
+                state.engine.save_state(
+                    body.model_id, body.path, "sampler_weights", body.overwrite
+                ),
+                saved(body.model_id, tenant, "sampler_weights"),
+            )
+        else:  # ephemeral: a snapshot to sample from, no file (SDK ≥ 0.3)
+
+            def action() -> Future:
+                def register(session) -> dict:
+                    sampler_id = state.add_sampler(session, tenant, None, body.model_id)
+                    return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+
+                return then(state.engine.snapshot_for_sampling(body.model_id), register)
+
+        return sequenced(body.model_id, body.seq_id, "save_weights_for_sampler", tenant, action)
+
+    @api.post("/load_weights")
+    def load_weights(body: LoadWeightsBody, tenant: Tenant) -> dict:
+        check_checkpoint_owner(state, body.path, tenant, "path")
+        if body.model_id is None:
+            return create_by_loading(body, tenant)
+        return sequenced(
+            body.model_id,
+            body.seq_id,
+            "load_weights",
+            tenant,
+            lambda: then(
+                state.engine.load_state(body.model_id, body.path, body.optimizer),
+                lambda path: {
+                    "path": tinker_uri(path),
+                    "model_id": body.model_id,
+                    "type": "load_weights",
+                },
+            ),
+        )
+
+    def create_by_loading(body: LoadWeightsBody, tenant) -> dict:
+        """A new run whose first request is this load: settings come from the checkpoint."""
+        run_id = derived_run_id(state, body.session_id, body.model_seq_id, tenant)
+        if run_id is None:
+            raise InvalidInputError("model_id", "give model_id, or session_id and model_seq_id")
+        folder = checkpoint_folder(state.engine.home, body.path)
+        saved_state = json.loads((folder / STATE_FILE).read_text())
+        if body.base_model is not None and body.base_model != saved_state["base_model"]:
+            raise InvalidInputError(
+                "base_model",
+                f"{body.path} is of {saved_state['base_model']!r}, not {body.base_model!r}",
+            )
+        state.check_model(saved_state["base_model"])
+
+        def create() -> dict:
+            created = state.engine.create_run_from_state(body.path, body.optimizer, run_id)
+            state.store.add_run(
+                created,
+                tenant,
+                body.session_id,
+                saved_state["base_model"],
+                saved_state["lora"],
+                body.user_metadata,
+            )
+            state.sequencer.start(created)
+            return {"path": tinker_uri(body.path), "model_id": created, "type": "load_weights"}
+
+        future = state.control.submit(create)
+        return {
+            "request_id": state.submit(future, "load_weights", run_id, tenant),
+            "model_id": run_id,
+        }
+
+    @api.post("/weights_info")
+    def weights_info(body: WeightsInfoBody, tenant: Tenant) -> dict:
+        check_checkpoint_owner(state, body.tinker_path, tenant, "tinker_path")
+        folder = checkpoint_folder(state.engine.home, body.tinker_path, "tinker_path")
+        saved_state = json.loads((folder / STATE_FILE).read_text())
+        lora = saved_state["lora"]
+        info = {"base_model": saved_state["base_model"], "is_lora": lora is not None}
+        if lora is not None:
+            info.update(
+                lora_rank=lora["rank"],
+                train_unembed=lora["train_unembed"],
+                train_mlp=lora["train_mlp"],
+                train_attn=lora["train_attn"],
+            )
+        return info
+
+
+def derived_run_id(state: ServerState, session_id, model_seq_id, tenant) -> str | None:
+    """Tinker's id for the `model_seq_id`-th model of a session: `<session_id>:train:<n>`.
+
+    SDK ≥ 0.38 derives it on its side for a model created by `load_weights`, so the server must
+    use the same rule. Without a session (Bios's own client) the engine picks the id.
+    """
+    if session_id is None or model_seq_id is None:
+        return None
+    row = state.store.session(session_id)
+    if row is None or row["tenant"] != tenant:
+        raise NotFoundError(f"session_id: no session {session_id!r}")
+    return f"{session_id}:train:{model_seq_id}"
+
+
+def check_checkpoint_owner(state: ServerState, path: str, tenant, field: str) -> CheckpointPath:
+    """The parsed path, if the checkpoint exists and belongs to `tenant` (else not found)."""
+    parsed = CheckpointPath.parse(path, field)
+    row = state.store.checkpoint(parsed.run_id, parsed.kind, parsed.name)
+    if row is None or row["tenant"] != tenant:
+        raise NotFoundError(f"{field}: no checkpoint at {path}")
+    return parsed

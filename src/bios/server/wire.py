@@ -1,0 +1,131 @@
+"""JSON request bodies as the Tinker SDK sends them (extra fields tolerated), and result encoding.
+
+Request models ignore fields they do not know (`type`, telemetry hints, newer SDK additions), so
+older and newer SDKs both parse. Results go back as JSON, except `ForwardBackwardOutput` and
+`SampleResponse`, which go back as protobuf when the client asks for it (SDK ≥ 0.25 accepts
+nothing else for them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+
+from bios.errors import InvalidInputError, NotFoundError
+from bios.server import tinker_wire
+from bios.types import AdamParams, Datum, ForwardBackwardOutput, SampleResponse
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class SessionBody(Body):
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str | None = None
+
+
+class HeartbeatBody(Body):
+    session_id: str
+
+
+class LoraConfigBody(Body):
+    rank: int = 32
+    seed: int | None = None
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+
+
+class CreateModelBody(Body):
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str
+    lora_config: LoraConfigBody | None = None
+    user_metadata: dict[str, Any] | None = None
+    full_finetune: bool = False  # Bios extension: train every weight instead of an adapter
+
+
+class ModelBody(Body):
+    model_id: str
+
+
+class ForwardBackwardInputBody(Body):
+    data: list[Datum]
+    loss_fn: str | list[tuple[str, float]]
+    loss_fn_config: dict[str, float] | None = None
+    reference: str | None = None  # Bios extension
+
+
+class ForwardBackwardBody(Body):
+    model_id: str
+    seq_id: int | None = None
+    forward_backward_input: ForwardBackwardInputBody | None = None
+    forward_input: ForwardBackwardInputBody | None = None  # SDK <= 0.24 `/forward`
+    forward_only: bool = False
+
+
+class OptimStepBody(Body):
+    model_id: str
+    seq_id: int | None = None
+    adam_params: AdamParams
+
+
+class SaveWeightsBody(Body):
+    model_id: str
+    seq_id: int | None = None
+    path: str | None = None
+    overwrite: bool = False
+    ttl_seconds: int | None = None
+    sampling_session_seq_id: int | None = None
+
+
+class LoadWeightsBody(Body):
+    model_id: str | None = None  # a load into an existing run ...
+    seq_id: int | None = None
+    session_id: str | None = None  # ... or a new run created by the load (SDK ≥ 0.38)
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+    path: str
+    optimizer: bool = False
+
+
+class WeightsInfoBody(Body):
+    tinker_path: str
+
+
+class FutureBody(Body):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+def error_category(error: BaseException) -> str:
+    return "user" if isinstance(error, InvalidInputError | NotFoundError) else "server"
+
+
+def wants_protobuf(request: Request) -> bool:
+    return tinker_wire.PROTOBUF in request.headers.get("accept", "")
+
+
+def encode_result(result: Any, request: Request) -> Response:
+    """A finished future's result, as protobuf where the SDK requires it, else JSON."""
+    if isinstance(result, ForwardBackwardOutput):
+        if wants_protobuf(request):
+            return Response(
+                tinker_wire.encode_forward_backward_output(result), media_type=tinker_wire.PROTOBUF
+            )
+        return JSONResponse(result.model_dump(mode="json"))
+    if isinstance(result, SampleResponse):
+        if wants_protobuf(request):
+            return Response(
+                tinker_wire.encode_sample_response(result), media_type=tinker_wire.PROTOBUF
+            )
+        return JSONResponse(result.model_dump(mode="json"))
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump(mode="json", exclude_none=True))
+    return JSONResponse(result)
