@@ -35,15 +35,24 @@ def make_data(types, vocab: int, loss_fn: str, seed: int = 0):
         else:
             sampler = (-6.0 + 0.3 * rng.standard_normal(length)).astype(np.float32)
             inputs["logprobs"] = types.TensorData.from_numpy(sampler)
-            inputs["advantages"] = types.TensorData.from_numpy(rng.standard_normal(length).astype(np.float32))
-        data.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1].tolist()), loss_fn_inputs=inputs))
+            inputs["advantages"] = types.TensorData.from_numpy(
+                rng.standard_normal(length).astype(np.float32)
+            )
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1].tolist()), loss_fn_inputs=inputs
+            )
+        )
     return data
 
 
 def custom_loss(data, logprobs_list):
     import torch
 
-    loss = sum(-(lp * torch.tensor(d.loss_fn_inputs["weights"].data)).sum() for d, lp in zip(data, logprobs_list, strict=True))
+    loss = sum(
+        -(lp * torch.tensor(d.loss_fn_inputs["weights"].data)).sum()
+        for d, lp in zip(data, logprobs_list, strict=True)
+    )
     return loss, {"custom:sum": 1.0}
 
 
@@ -57,13 +66,19 @@ def scenario(service, types, model: str, rest=None) -> dict:
     vocab = 384
     for loss_fn, config in LOSSES.items():
         out = training.forward(make_data(types, vocab, loss_fn), loss_fn, config).result()
-        results[f"forward/{loss_fn}"] = {"loss": out.metrics["loss:sum"], "logprobs": logprobs_of(out)}
+        results[f"forward/{loss_fn}"] = {
+            "loss": out.metrics["loss:sum"],
+            "logprobs": logprobs_of(out),
+        }
     adam = types.AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8)
     sft = make_data(types, vocab, "cross_entropy", seed=1)
     for step in range(2):
         fb = training.forward_backward(sft, "cross_entropy")
         opt = training.optim_step(adam)
-        results[f"step{step}"] = {"loss": fb.result().metrics["loss:sum"], "grad_norm": opt.result().metrics.get("grad_norm")}
+        results[f"step{step}"] = {
+            "loss": fb.result().metrics["loss:sum"],
+            "grad_norm": opt.result().metrics.get("grad_norm"),
+        }
     custom = training.forward_backward_custom(sft, custom_loss).result()
     results["custom"] = {"loss": custom.metrics["loss:sum"], "logprobs": logprobs_of(custom)}
     training.optim_step(adam).result()
@@ -82,10 +97,14 @@ def scenario(service, types, model: str, rest=None) -> dict:
     prompt = types.ModelInput.from_ints([5, 17, 42, 9])
     greedy = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=0.0)).result()
     results["greedy"] = [int(t) for t in greedy.sequences[0].tokens]
-    seeded = sampler.sample(prompt, 2, types.SamplingParams(max_tokens=5, temperature=1.0, seed=3)).result()
+    seeded = sampler.sample(
+        prompt, 2, types.SamplingParams(max_tokens=5, temperature=1.0, seed=3)
+    ).result()
     results["sampled_logprobs"] = [[float(x) for x in s.logprobs] for s in seeded.sequences]
     results["sampled_tokens"] = [[int(t) for t in s.tokens] for s in seeded.sequences]
-    results["compute_logprobs"] = [None if x is None else float(x) for x in sampler.compute_logprobs(prompt).result()]
+    results["compute_logprobs"] = [
+        None if x is None else float(x) for x in sampler.compute_logprobs(prompt).result()
+    ]
     if rest is not None:
         run_id = path.split("://", 1)[1].split("/")[0]
         listed = rest.list_checkpoints(run_id).result()

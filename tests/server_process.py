@@ -23,12 +23,22 @@ class ServerProcess:
         self.home = home
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "bios.cli", "serve", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--home", str(home)]
+        command = [
+            sys.executable,
+            "-m",
+            "bios.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--home",
+            str(home),
+        ]
         for model in models:
             command += ["--model", model]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "BIOS_HOME": str(home / "bios-home")}
-        self.log = open(home / "server.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.log = open(home / "server.log", "ab")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.wait_ready()
 

@@ -46,7 +46,10 @@ def run_sdk(version: str, url: str, model: str) -> dict:
         env["PYTHONPATH"] = str(SDK_PATHS[version])
     done = subprocess.run(
         [sys.executable, str(HERE / "sdk_scenario.py"), "tinker", url, model],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
@@ -84,33 +87,67 @@ def post(server, route: str, body, **kwargs) -> httpx.Response:
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, tiny_models):
     session = post(server, "create_session", {"tags": []}).json()["session_id"]
-    unknown_model = post(server, "create_model", {"session_id": session, "model_seq_id": 0,
-                                                  "base_model": "nobody/nothing"})
+    unknown_model = post(
+        server,
+        "create_model",
+        {"session_id": session, "model_seq_id": 0, "base_model": "nobody/nothing"},
+    )
     assert unknown_model.status_code == 400 and "not served here" in unknown_model.json()["error"]
 
-    missing_run = post(server, "optim_step", {"model_id": "no-such-run", "seq_id": 1,
-                                              "adam_params": {"learning_rate": 0.1}})
+    missing_run = post(
+        server,
+        "optim_step",
+        {"model_id": "no-such-run", "seq_id": 1, "adam_params": {"learning_rate": 0.1}},
+    )
     assert missing_run.status_code == 404 and "no training run" in missing_run.json()["error"]
 
-    malformed = httpx.post(f"{server.url}/api/v1/forward_backward", content=b"\x08\xff\xff garbage",
-                           headers={"content-type": "application/x-protobuf"}, timeout=60)
+    malformed = httpx.post(
+        f"{server.url}/api/v1/forward_backward",
+        content=b"\x08\xff\xff garbage",
+        headers={"content-type": "application/x-protobuf"},
+        timeout=60,
+    )
     assert malformed.status_code == 400 and "protobuf" in malformed.json()["error"]
-    not_json = httpx.post(f"{server.url}/api/v1/optim_step", content=b"{", timeout=60,
-                          headers={"content-type": "application/json"})
+    not_json = httpx.post(
+        f"{server.url}/api/v1/optim_step",
+        content=b"{",
+        timeout=60,
+        headers={"content-type": "application/json"},
+    )
     assert not_json.status_code == 422
 
-    created = post(server, "create_model", {"session_id": session, "model_seq_id": 1,
-                                            "base_model": tiny_models["llama"], "lora_config": {"rank": 4}})
+    created = post(
+        server,
+        "create_model",
+        {
+            "session_id": session,
+            "model_seq_id": 1,
+            "base_model": tiny_models["llama"],
+            "lora_config": {"rank": 4},
+        },
+    )
     future = post(server, "retrieve_future", {"request_id": created.json()["request_id"]}).json()
     model_id = future["model_id"]
-    datum = {"model_input": {"chunks": [{"tokens": [1, 2, 3]}]},
-             "loss_fn_inputs": {"target_tokens": {"data": [2, 3, 4], "dtype": "int64"}}}
-    unknown_loss = post(server, "forward_backward", {"model_id": model_id, "seq_id": 1,
-                        "forward_backward_input": {"data": [datum], "loss_fn": "ppo2"}})
+    datum = {
+        "model_input": {"chunks": [{"tokens": [1, 2, 3]}]},
+        "loss_fn_inputs": {"target_tokens": {"data": [2, 3, 4], "dtype": "int64"}},
+    }
+    unknown_loss = post(
+        server,
+        "forward_backward",
+        {
+            "model_id": model_id,
+            "seq_id": 1,
+            "forward_backward_input": {"data": [datum], "loss_fn": "ppo2"},
+        },
+    )
     assert unknown_loss.status_code == 400 and "unknown loss 'ppo2'" in unknown_loss.json()["error"]
     # The rejected request took its turn: the next one (seq 2) runs.
-    step = post(server, "optim_step", {"model_id": model_id, "seq_id": 2,
-                                       "adam_params": {"learning_rate": 0.1}})
+    step = post(
+        server,
+        "optim_step",
+        {"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}},
+    )
     result = post(server, "retrieve_future", {"request_id": step.json()["request_id"]}).json()
     assert result["metrics"]["grad_norm"] == 0.0
     assert httpx.get(f"{server.url}/api/v1/healthz", timeout=10).json() == {"status": "ok"}
