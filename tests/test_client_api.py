@@ -185,3 +185,13 @@ def test_bad_input_raises_at_call_time(case, call, message, service, llama):
         call(client, data)
     client.optim_step(ADAM).result()  # nothing was accumulated, so this step changes nothing
     assert logprobs(client.forward(data, "cross_entropy").result()) == before
+
+
+def test_full_finetuning(service, llama):
+    client = service.create_full_training_client(llama)
+    assert client.get_info().is_lora is False
+    data = sft_data()
+    first = client.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    client.forward_backward(data, "cross_entropy")
+    client.optim_step(AdamParams(learning_rate=1e-3)).result()
+    assert client.forward(data, "cross_entropy").result().metrics["loss:sum"] < first

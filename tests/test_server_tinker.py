@@ -151,3 +151,25 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, tiny_models):
     result = post(server, "retrieve_future", {"request_id": step.json()["request_id"]}).json()
     assert result["metrics"]["grad_norm"] == 0.0
     assert httpx.get(f"{server.url}/api/v1/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_bios_extensions(server):
+    answer = httpx.get(
+        f"{server.url}/api/v1/bios/hparams",
+        params={"model": "meta-llama/Llama-3.2-1B", "examples": 1000, "completion_tokens": 50_000},
+        timeout=30,
+    ).json()
+    assert answer["learning_rate"] == pytest.approx(4.91e-4, rel=2e-3)
+    assert answer["recommendation"]["batch_size"] == 16  # 1,000 examples: ~100 steps need 16
+    records = [{"step": s, "loss": 2.0 - 0.01 * s} for s in range(30)] + [
+        {"step": 30, "loss": float("nan")}
+    ]
+    # NaN is not JSON, but Python's encoder writes it and the server reads it.
+    response = httpx.post(
+        f"{server.url}/api/v1/bios/diagnose",
+        content=json.dumps({"records": records}),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    findings = response.json()["findings"]
+    assert [f["step"] for f in findings if f["kind"] == "nonfinite"] == [30]

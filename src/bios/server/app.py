@@ -1,7 +1,8 @@
 """The FastAPI application: Tinker's `/api/v1/...` routes on top of the engine.
 
 Routes are grouped by job: this module has the service routes (config, sessions, futures) and
-assembles the rest — `routes_training.py`, `routes_sampling.py`, `routes_checkpoints.py`. Every
+assembles the rest — `routes_training.py`, `routes_sampling.py`, `routes_checkpoints.py`, and
+Bios's extensions in `routes_bios.py`. Every
 request is read by pydantic; a bad one gets a 4xx whose body names the field, and the server
 keeps serving.
 """
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from bios import __version__
 from bios.errors import InvalidInputError, NotFoundError
-from bios.server import routes_checkpoints, routes_sampling, routes_training
+from bios.server import routes_bios, routes_checkpoints, routes_sampling, routes_training
 from bios.server.auth import Tenant
 from bios.server.state import ServerState
 from bios.server.wire import FutureBody, HeartbeatBody, SessionBody, encode_result, error_category
@@ -47,6 +48,7 @@ def create_app(state: ServerState) -> FastAPI:
     routes_training.add_routes(api, state)
     routes_sampling.add_routes(api, state)
     routes_checkpoints.add_routes(api, state)
+    routes_bios.add_routes(api, state)
     app.include_router(api)
     return app
 

@@ -1,0 +1,57 @@
+"""Bios's own extensions, under `/api/v1/bios/...` (Tinker's SDK never calls these).
+
+- `GET /bios/hparams?model=M[&lora=true][&examples=N&completion_tokens=T]`: the learning rate
+  chosen for a model, and with dataset figures the full recommendation (batch, steps, rank).
+- `POST /bios/diagnose {"records": [...]}`: the training-health findings for a metric stream.
+
+Other extensions ride on Tinker's own routes: every Bios objective name (and weighted lists of
+them) is accepted as `loss_fn`, `forward_backward_input.reference` names a reference policy,
+and `create_model` takes `"full_finetune": true`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+from fastapi import APIRouter
+
+from bios.diagnostics import diagnose
+from bios.errors import InvalidInputError
+from bios.hparams import DatasetStats, get_lr, recommend
+from bios.server.state import ServerState
+from bios.server.wire import Body
+
+
+class DiagnoseBody(Body):
+    records: list[dict[str, Any]]
+
+
+def add_routes(api: APIRouter, state: ServerState) -> None:
+    @api.get("/bios/hparams")
+    def hparams(
+        model: str, lora: bool = True, examples: int | None = None, completion_tokens: int = 0
+    ) -> dict:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            answer: dict[str, Any] = {"model": model, "learning_rate": get_lr(model, lora=lora)}
+            if examples is not None:
+                if examples <= 0 or completion_tokens < 0:
+                    raise InvalidInputError(
+                        "examples", "expected examples > 0, completion_tokens >= 0"
+                    )
+                stats = DatasetStats(num_examples=examples, completion_tokens=completion_tokens)
+                answer["recommendation"] = dataclasses.asdict(recommend(model, stats, lora=lora))
+        answer["warnings"] = [str(w.message) for w in caught]
+        return answer
+
+    @api.post("/bios/diagnose")
+    def diagnose_records(body: DiagnoseBody) -> dict:
+        findings = [dataclasses.asdict(f) for f in diagnose(body.records)]
+        for finding in findings:  # JSON has no NaN or infinity: say it in words
+            finding["evidence"] = {
+                k: v if math.isfinite(v) else str(v) for k, v in finding["evidence"].items()
+            }
+        return {"findings": findings}
