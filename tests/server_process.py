@@ -19,7 +19,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, home: Path, models: list[str], port: int | None = None) -> None:
+    def __init__(
+        self, home: Path, models: list[str], port: int | None = None, extra_args: list[str] = ()
+    ) -> None:
         self.home = home
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -37,6 +39,7 @@ class ServerProcess:
         ]
         for model in models:
             command += ["--model", model]
+        command += list(extra_args)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "BIOS_HOME": str(home / "bios-home")}
         self.log = open(home / "server.log", "ab")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)

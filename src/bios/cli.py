@@ -54,7 +54,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from bios.server.state import ServerConfig, ServerState
 
     home = Path(args.home) if args.home else bios_home() / "server"
-    state = ServerState(ServerConfig(home=home, models=args.model))
+    config = ServerConfig(home=home, models=args.model, keep_graphs=not args.no_keep_graphs)
+    state = ServerState(config)
     print(f"bios serve: loading {', '.join(args.model) or 'no model yet'} (home {home})")
     state.preload()
     print(f"bios serve: listening on http://{args.host}:{args.port}")
@@ -87,13 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the training server (speaks Tinker's wire protocol; Bios's client too)"
     )
     serve.add_argument(
-        "--model", action="append", default=[],
+        "--model",
+        action="append",
+        default=[],
         help="a base model to serve (repeatable); without one, any model on this machine",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--home", help="database and checkpoints (default: $BIOS_HOME/server)")
     serve.add_argument("--log-level", default="warning")
+    serve.add_argument(
+        "--no-keep-graphs",
+        action="store_true",
+        help="do not keep a forward's graph for the backward after it (for comparisons)",
+    )
     serve.set_defaults(run=_cmd_serve)
     return parser
 

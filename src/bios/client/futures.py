@@ -11,6 +11,20 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
+def then(future: Future, fn: Callable[[Any], U]) -> Future:
+    """A future of `fn(result)`, or of the error; `fn` runs before anyone waiting on it wakes."""
+    out: Future = Future()
+
+    def done(source: Future) -> None:
+        try:
+            out.set_result(fn(source.result()))
+        except BaseException as error:  # the caller sees it on .result()
+            out.set_exception(error)
+
+    future.add_done_callback(done)
+    return out
+
+
 class APIFuture(Generic[T]):
     """The pending result of a request; requests on one client complete in submission order."""
 
@@ -20,16 +34,7 @@ class APIFuture(Generic[T]):
     @classmethod
     def mapped(cls, future: Future, fn: Callable[[Any], T]) -> APIFuture[T]:
         """A future whose result is `fn(result of future)`."""
-        out: Future = Future()
-
-        def done(source: Future) -> None:
-            try:
-                out.set_result(fn(source.result()))
-            except BaseException as error:
-                out.set_exception(error)
-
-        future.add_done_callback(done)
-        return cls(out)
+        return cls(then(future, fn))
 
     def result(self, timeout: float | None = None) -> T:
         return self._future.result(timeout)

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from bios.client.futures import then
 from bios.engine.checkpoints import CheckpointPath
 from bios.engine.runs import checked_custom_result
 from bios.errors import BiosError, InvalidInputError, NotFoundError
@@ -250,15 +251,7 @@ class HttpTransport:
         session = self.snapshot_for_sampling(run_id).result()
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         response = self.sample(session.session_id, ModelInput.from_ints(list(tokens)), 1, params)
-        out: Future = Future()
-        response.add_done_callback(
-            lambda f: (
-                out.set_exception(f.exception())
-                if f.exception()
-                else out.set_result(f.result().sequences[0].tokens)
-            )
-        )
-        return out
+        return then(response, lambda r: r.sequences[0].tokens)
 
     # ---- sampling -----------------------------------------------------------------------------
 
@@ -314,15 +307,7 @@ class HttpTransport:
     def compute_logprobs(self, session_id: str, prompt: ModelInput) -> Future[list[float | None]]:
         params = SamplingParams(max_tokens=1, temperature=1.0)
         response = self.sample(session_id, prompt, 1, params, include_prompt_logprobs=True)
-        out: Future = Future()
-        response.add_done_callback(
-            lambda f: (
-                out.set_exception(f.exception())
-                if f.exception()
-                else out.set_result(f.result().prompt_logprobs)
-            )
-        )
-        return out
+        return then(response, lambda r: r.prompt_logprobs)
 
 
 def _model_input(prompt: ModelInput | Sequence[int]) -> ModelInput:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
 
 import zstandard
 from fastapi import APIRouter, Request
 
+from bios.client.futures import then
 from bios.engine.checkpoints import CheckpointPath, checkpoint_folder
 from bios.engine.runs import STATE_FILE
 from bios.errors import InvalidInputError, NotFoundError
@@ -32,20 +32,6 @@ from bios.server.wire import (
     WeightsInfoBody,
 )
 from bios.types import LoraConfig
-
-
-def then(future: Future, fn: Callable[[Any], Any]) -> Future:
-    """A future of `fn(result)`; `fn` runs before anyone waiting on the new future wakes."""
-    out: Future = Future()
-
-    def done(source: Future) -> None:
-        try:
-            out.set_result(fn(source.result()))
-        except BaseException as error:  # reported through the future
-            out.set_exception(error)
-
-    future.add_done_callback(done)
-    return out
 
 
 def tinker_uri(path: str) -> str:
@@ -150,7 +136,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 config,
                 backward=not forward_only,
                 reference=reference,
-                keep_graph=forward_only,
+                keep_graph=forward_only and state.config.keep_graphs,
             )
 
         return model_id, seq_id, action

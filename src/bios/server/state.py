@@ -22,6 +22,8 @@ class ServerConfig:
     home: Path
     models: list[str] = field(default_factory=list)  # empty: any model the machine has
     poll_seconds: float = 20.0
+    # Keep a forward's graph for the backward that follows (custom losses at built-in cost).
+    keep_graphs: bool = True
     max_body_bytes: int = 256 * 1024 * 1024
 
 
