@@ -11,14 +11,19 @@ fixed seed, identical on both sides.
             `F.cross_entropy(..., reduction="sum")` (the same summed token loss), backward,
             step, zero_grad.
 
-How: each side runs in its own fresh subprocess (started by this one invocation, one after the
-other), so neither sees the other's allocations. A side loads its model, primes it with a
-one-sequence no-grad forward (so the memory-mapped weights are paged in before the baseline RSS
-is taken), runs the warm-up steps, then times `--steps` steps with `time.perf_counter`. Reported:
-tokens/s, seconds/step, CPU time / wall time (a check that both sides use the same threads), the
-process's peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) and the peak increase during training
-(peak RSS minus the RSS after priming). The loss of the first step is printed for both: LoRA B
-starts at zero, so both equal the base model's loss on the same data and should agree.
+How: each side runs in its own fresh subprocess, both started by this one invocation, so neither
+sees the other's allocations and each has its own peak-RSS counter. A side loads its model and
+primes it with a one-sequence no-grad forward (so the memory-mapped weights are paged in before
+the "before training" RSS is read). The parent then drives both in lock-step: step i of one side,
+then step i of the other, the first side alternating, so both meet the same background load (this
+machine may be shared). The first `--warmup` steps are not counted. Each step is timed in the
+child with `time.perf_counter` (wall) and `getrusage` (CPU seconds of all threads).
+
+Reported per side: tokens/s over the timed steps, mean and median seconds/step, CPU seconds/step
+(the work a step costs; less sensitive to other processes than wall time), CPU/wall (about the
+thread count when nothing else competes), peak RSS of the process (`ru_maxrss`) and its increase
+over the RSS before training. The first step's loss is printed for both: LoRA B starts at zero,
+so both equal the base model's summed loss on the same data and must agree.
 
 Left out on purpose: real text (token ids do not change the arithmetic), gradient checkpointing,
 bf16, and the HTTP transport (this measures the in-process engine).
@@ -31,22 +36,25 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
 SIDES = ("bios", "baseline")
 BATCH, SEQ_LEN, RANK, ALPHA = 8, 256, 32, 32
+VOCAB_SIZE = 49152  # SmolLM2's
 LR, BETAS, EPS = 1e-4, (0.9, 0.95), 1e-12
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_MODULES.append("lm_head")
@@ -60,7 +68,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # child process only
-    parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -86,7 +93,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def make_sequences(seed: int, vocab_size: int) -> torch.Tensor:
+def make_sequences(seed: int, vocab_size: int = VOCAB_SIZE) -> torch.Tensor:
     """BATCH random token sequences of SEQ_LEN + 1 ids: inputs are [:-1], targets [1:]."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (BATCH, SEQ_LEN + 1), generator=generator)
@@ -158,49 +165,99 @@ def build_baseline(sequences: torch.Tensor) -> tuple[Callable[[], None], Callabl
     return prime, step
 
 
-def run_side(side: str, args: argparse.Namespace) -> dict:
-    """Build one side, prime, warm up, time; returns the measurements of this process."""
+def serve_side(side: str, args: argparse.Namespace) -> None:
+    """Child process: build one side, then obey "step" / "finish" lines from the parent.
+
+    Each request is answered with one JSON line on the original stdout; library output is sent
+    to stderr so it cannot corrupt the protocol.
+    """
+    protocol, sys.stdout = sys.stdout, sys.stderr
+    # Known and harmless here: peft notes that lm_head is tied to the embedding (Bios adapts the
+    # same lm_head output), and a transformers deprecation inside peft.
+    warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    sequences = make_sequences(args.seed, vocab_size=49152)
-    prime, step = (build_bios if side == "bios" else build_baseline)(sequences)
+    prime, step = (build_bios if side == "bios" else build_baseline)(make_sequences(args.seed))
     prime()
-    rss_before = rss_mib()
-    losses = [step() for _ in range(args.warmup)]
-    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
-    losses += [step() for _ in range(args.steps)]
-    wall = time.perf_counter() - wall_start
-    cpu = cpu_seconds() - cpu_start
-    peak = peak_rss_mib()
-    return {
-        "side": side,
-        "steps": args.steps,
-        "seconds": wall,
-        "seconds_per_step": wall / args.steps,
-        "tokens_per_second": BATCH * SEQ_LEN * args.steps / wall,
-        "cpu_utilisation": cpu / wall,
-        "rss_before_training_mib": rss_before,
-        "peak_rss_mib": peak,
-        "peak_increase_mib": peak - rss_before,
-        "losses": losses,
-    }
+    reply(protocol, {"rss_before_training_mib": rss_mib()})
+    for command in sys.stdin:
+        if command.strip() == "finish":
+            reply(protocol, {"peak_rss_mib": peak_rss_mib()})
+            return
+        cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+        loss = step()
+        wall = time.perf_counter() - wall_start
+        reply(protocol, {"seconds": wall, "cpu_seconds": cpu_seconds() - cpu_start, "loss": loss})
+
+
+def reply(protocol: TextIO, message: dict) -> None:
+    protocol.write(json.dumps(message) + "\n")
+    protocol.flush()
 
 
 # ---- the coordinating process -----------------------------------------------------------------
 
 
-def run_in_subprocess(side: str, args: argparse.Namespace) -> dict:
-    """Run this script for one side in a fresh Python process and read back its results."""
-    with tempfile.TemporaryDirectory() as folder:
-        result_file = Path(folder) / f"{side}.json"
-        command = [sys.executable, __file__, "--side", side, "--result-file", str(result_file)]
-        command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-        command += ["--threads", str(args.threads), "--seed", str(args.seed)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.stderr.write(done.stdout + done.stderr)
-            raise SystemExit(f"{side} side failed with exit code {done.returncode}")
-        return json.loads(result_file.read_text())
+def start_side(side: str, args: argparse.Namespace) -> subprocess.Popen:
+    """This script, in a fresh Python process, serving one side."""
+    command = [sys.executable, __file__, "--side", side, "--threads", str(args.threads)]
+    command += ["--seed", str(args.seed)]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def read_reply(side: str, process: subprocess.Popen) -> dict:
+    line = process.stdout.readline()
+    if not line:
+        raise SystemExit(f"{side} side exited with code {process.wait()} (its stderr is above)")
+    return json.loads(line)
+
+
+def request(side: str, process: subprocess.Popen, command: str) -> dict:
+    process.stdin.write(command + "\n")
+    process.stdin.flush()
+    return read_reply(side, process)
+
+
+def run_interleaved(args: argparse.Namespace) -> dict[str, dict]:
+    """Warm up and time both sides in lock-step: step i of one side, then step i of the other.
+
+    Interleaving exposes both sides to the same background load; the side that goes first
+    alternates every step.
+    """
+    processes = {side: start_side(side, args) for side in SIDES}
+    records: dict[str, dict] = {side: read_reply(side, p) for side, p in processes.items()}
+    steps: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for index in range(args.warmup + args.steps):
+        order = SIDES if index % 2 == 0 else SIDES[::-1]
+        for side in order:
+            steps[side].append(request(side, processes[side], "step"))
+    for side, process in processes.items():
+        records[side].update(request(side, process, "finish"))
+        process.wait()
+    return {side: summarise(records[side], steps[side], args.warmup) for side in SIDES}
+
+
+def summarise(record: dict, steps: list[dict], warmup: int) -> dict:
+    """Throughput over the timed steps and memory figures of one side."""
+    timed = steps[warmup:]
+    wall = sum(s["seconds"] for s in timed)
+    cpu = sum(s["cpu_seconds"] for s in timed)
+    median = statistics.median(s["seconds"] for s in timed)
+    return {
+        **record,
+        "steps": len(timed),
+        "seconds": wall,
+        "seconds_per_step": wall / len(timed),
+        "median_seconds_per_step": median,
+        "cpu_seconds_per_step": cpu / len(timed),
+        "tokens_per_second": BATCH * SEQ_LEN * len(timed) / wall,
+        "median_tokens_per_second": BATCH * SEQ_LEN / median,
+        "cpu_utilisation": cpu / wall,
+        "peak_increase_mib": record["peak_rss_mib"] - record["rss_before_training_mib"],
+        "step_seconds": [s["seconds"] for s in steps],
+        "losses": [s["loss"] for s in steps],
+    }
 
 
 def machine_info(threads: int) -> dict:
@@ -227,66 +284,91 @@ def machine_info(threads: int) -> dict:
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
-    """Bios / baseline; tokens/s > 1 means Bios is faster, memory < 1 means Bios uses less."""
+    """Bios / baseline. tokens/s > 1: Bios faster; CPU s/step and memory < 1: Bios uses less.
+
+    `paired_speed` is the median over timed steps i of baseline time_i / Bios time_i: steps i
+    ran back to back, so a burst of background load mostly cancels out of it.
+    """
     bios, base = results["bios"], results["baseline"]
-    return {
-        "tokens_per_second": bios["tokens_per_second"] / base["tokens_per_second"],
-        "peak_rss": bios["peak_rss_mib"] / base["peak_rss_mib"],
-        "peak_increase": bios["peak_increase_mib"] / base["peak_increase_mib"],
-    }
+    keys = ("tokens_per_second", "median_tokens_per_second", "cpu_seconds_per_step")
+    keys += ("peak_rss_mib", "peak_increase_mib")
+    ratio = {key: bios[key] / base[key] for key in keys}
+    pairs = zip(base["step_seconds"], bios["step_seconds"], strict=True)
+    timed_pairs = list(pairs)[-bios["steps"] :]
+    ratio["paired_speed"] = statistics.median(b / o for b, o in timed_pairs)
+    return ratio
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def print_report(machine: dict, results: dict[str, dict], ratio: dict[str, float]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=120)
     console.print(
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), transformers {machine['transformers']}, "
-        f"peft {machine['peft']}, Python {machine['python']}"
+        f"peft {machine['peft']}, Python {machine['python']}; "
+        f"load average before {machine['load_before']}, after {machine['load_after']}"
     )
     steps = results["bios"]["steps"]
-    title = (
-        f"LoRA r{RANK} SFT, SmolLM2-135M fp32, {BATCH}x{SEQ_LEN} tokens/step, {steps} timed steps"
+    table = Table(
+        title=f"LoRA r{RANK} SFT, SmolLM2-135M fp32, {BATCH}x{SEQ_LEN} tokens/step, "
+        f"{steps} timed steps per side (interleaved)"
     )
-    table = Table(title=title)
-    for column in ("side", "tokens/s", "s/step", "CPU/wall", "peak RSS", "peak increase"):
+    columns = ["side", "tokens/s", "s/step", "median s/step", "CPU s/step", "CPU/wall"]
+    columns += ["peak RSS", "peak increase", "first loss"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "side" else "right")
-    table.add_column("first loss", justify="right")
     for side in SIDES:
         r = results[side]
         table.add_row(
             side,
             f"{r['tokens_per_second']:.0f}",
             f"{r['seconds_per_step']:.2f}",
+            f"{r['median_seconds_per_step']:.2f}",
+            f"{r['cpu_seconds_per_step']:.2f}",
             f"{r['cpu_utilisation']:.2f}",
             f"{r['peak_rss_mib']:.0f} MiB",
             f"{r['peak_increase_mib']:.0f} MiB",
-            f"{r['losses'][0]:.1f}",
+            f"{r['losses'][0]:.2f}",
         )
-    table.add_row(
-        "bios/baseline",
-        f"{ratio['tokens_per_second']:.2f}x",
-        "",
-        "",
-        f"{ratio['peak_rss']:.2f}x",
-        f"{ratio['peak_increase']:.2f}x",
-        "",
-        style="bold",
-    )
     console.print(table)
-    console.print("tokens/s ratio > 1: Bios faster; memory ratio < 1: Bios uses less.")
+    console.print(ratio_table(ratio))
+
+
+def ratio_table(ratio: dict[str, float]):
+    from rich.table import Table
+
+    table = Table(title="Bios / baseline")
+    for column in ("measure", "ratio", "reading"):
+        table.add_column(column, justify="right" if column == "ratio" else "left")
+    rows = [
+        ("tokens/s (timed steps)", "tokens_per_second", "> 1: Bios faster"),
+        ("tokens/s (median step)", "median_tokens_per_second", "> 1: Bios faster"),
+        ("paired step speed", "paired_speed", "median of baseline s / Bios s, step by step"),
+        ("CPU seconds per step", "cpu_seconds_per_step", "< 1: Bios does less work"),
+        ("peak RSS", "peak_rss_mib", "< 1: Bios uses less memory"),
+        ("peak RSS increase", "peak_increase_mib", "< 1: Bios uses less memory"),
+    ]
+    for label, key, reading in rows:
+        table.add_row(label, f"{ratio[key]:.2f}x", reading)
+    return table
 
 
 def main() -> None:
     args = parse_args()
-    if args.side is not None:  # a child process: measure one side and hand back the numbers
-        args.result_file.write_text(json.dumps(run_side(args.side, args)))
+    if args.side is not None:  # a child process serving one side
+        serve_side(args.side, args)
         return
-    default_model_path()  # convert the default model once, before either side is timed
-    results = {side: run_in_subprocess(side, args) for side in SIDES}
+    default_model_path()  # convert the default model once, before either side loads it
+    load_before = load_average()
+    results = run_interleaved(args)
     machine = machine_info(args.threads)
+    machine.update(load_before=load_before, load_after=load_average())
     ratio = ratios(results)
     print_report(machine, results, ratio)
     if args.json is not None:
