@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from bios.engine.runs import TrainingRun
@@ -37,14 +35,4 @@ def reference_logprobs(model: torch.nn.Module, datum: Datum) -> torch.Tensor:
 
 def state_fingerprint(run: TrainingRun) -> str:
     """A hash of the run's weights, accumulated gradients and optimizer state."""
-    digest = hashlib.sha256()
-    for name, param in run.parameters.items():
-        digest.update(name.encode())
-        digest.update(param.detach().numpy().tobytes())
-        if param.grad is not None:
-            digest.update(param.grad.numpy().tobytes())
-        for key, value in sorted(run.optimizer.state.get(param, {}).items()):
-            digest.update(key.encode())
-            digest.update(torch.as_tensor(value).numpy().tobytes())
-    digest.update(str(run.steps).encode())
-    return digest.hexdigest()
+    return run.fingerprint()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from bios import __version__
 
@@ -46,23 +45,6 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(f.severity == "error" for f in findings) else 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from bios.models.loading import bios_home
-    from bios.server.app import create_app
-    from bios.server.state import ServerConfig, ServerState
-
-    home = Path(args.home) if args.home else bios_home() / "server"
-    config = ServerConfig(home=home, models=args.model, keep_graphs=not args.no_keep_graphs)
-    state = ServerState(config)
-    print(f"bios serve: loading {', '.join(args.model) or 'no model yet'} (home {home})")
-    state.preload()
-    print(f"bios serve: listening on http://{args.host}:{args.port}")
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bios", description="Fine-tune language models.")
     parser.add_argument("--version", action="version", version=f"bios {__version__}")
@@ -84,25 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("metrics", help="a metrics.jsonl file, or a run folder holding one")
     doctor.set_defaults(run=_cmd_doctor)
-    serve = commands.add_parser(
-        "serve", help="run the training server (speaks Tinker's wire protocol; Bios's client too)"
-    )
-    serve.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        help="a base model to serve (repeatable); without one, any model on this machine",
-    )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--home", help="database and checkpoints (default: $BIOS_HOME/server)")
-    serve.add_argument("--log-level", default="warning")
-    serve.add_argument(
-        "--no-keep-graphs",
-        action="store_true",
-        help="do not keep a forward's graph for the backward after it (for comparisons)",
-    )
-    serve.set_defaults(run=_cmd_serve)
+    from bios.server.commands import add_commands as add_server_commands
+
+    add_server_commands(commands)
     return parser
 
 

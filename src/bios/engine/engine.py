@@ -117,11 +117,19 @@ class Engine:
         try:
             self.load_state(run_id, path, with_optimizer).result()
         except BaseException:
-            self._forget(run_id)
+            self.drop_run(run_id)
             raise
         return run_id
 
-    def _forget(self, run_id: str) -> None:
+    def worker_of(self, run_id: str) -> ModelWorker:
+        self.run(run_id)
+        return self._run_workers[run_id]
+
+    def has_run(self, run_id: str) -> bool:
+        return run_id in self._run_workers
+
+    def drop_run(self, run_id: str) -> None:
+        """Forget a run and free its weights and optimizer state (its checkpoints stay)."""
         with self._lock:
             worker = self._run_workers.pop(run_id)
             del worker.runs[run_id]

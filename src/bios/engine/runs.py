@@ -6,6 +6,7 @@ worker and the engine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -216,6 +217,21 @@ class TrainingRun:
         )
 
     # ---- state on disk ------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the weights, pending gradients, optimizer state and step count: equal
+        fingerprints mean a request changed nothing."""
+        digest = hashlib.sha256()
+        for name, param in self.parameters.items():
+            digest.update(name.encode())
+            digest.update(param.detach().numpy().tobytes())
+            if param.grad is not None:
+                digest.update(param.grad.numpy().tobytes())
+            for key, value in sorted(self.optimizer.state.get(param, {}).items()):
+                digest.update(key.encode())
+                digest.update(torch.as_tensor(value).numpy().tobytes())
+        digest.update(str(self.steps).encode())
+        return digest.hexdigest()
 
     def describe(self) -> dict:
         return {

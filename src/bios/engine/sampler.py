@@ -95,8 +95,8 @@ def choose_tokens(
         # kept set is the smallest one reaching top_p and always holds the most probable token.
         scores = scores.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
     logprobs = scores.log_softmax(dim=-1)
-    # float64: a float32 running sum over ~50k entries drifts by ~1e-5, a visible bias.
-    cdf = logprobs.double().exp().cumsum(dim=-1)
+    # Summed in float64: a float32 running sum over ~50k entries drifts by ~1e-5, a visible bias.
+    cdf = logprobs.exp().cumsum(dim=-1, dtype=torch.float64)
     total = cdf[:, -1:]
     # x < total always, so the token found has cdf[i] > x >= cdf[i-1]: a positive probability.
     below_total = torch.nextafter(total, torch.zeros_like(total))

@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from bios import __version__
 from bios.errors import InvalidInputError, NotFoundError
 from bios.server import routes_bios, routes_checkpoints, routes_sampling, routes_training
-from bios.server.auth import Tenant
-from bios.server.state import ServerState
+from bios.server.auth import Tenant, Unauthorized
+from bios.server.state import QuotaExceeded, ServerState
 from bios.server.wire import FutureBody, HeartbeatBody, SessionBody, encode_result, error_category
 
 
@@ -35,6 +35,14 @@ def create_app(state: ServerState) -> FastAPI:
     async def not_found(request: Request, error: NotFoundError) -> JSONResponse:
         return JSONResponse({"error": str(error), "category": "user"}, 404)
 
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(request: Request, error: Unauthorized) -> JSONResponse:
+        return JSONResponse({"error": str(error), "category": "user"}, 401)
+
+    @app.exception_handler(QuotaExceeded)
+    async def over_quota(request: Request, error: QuotaExceeded) -> JSONResponse:
+        return JSONResponse({"error": str(error), "category": "user"}, 403)
+
     @app.exception_handler(RequestValidationError)
     async def unreadable(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [
@@ -42,6 +50,17 @@ def create_app(state: ServerState) -> FastAPI:
             for e in error.errors()
         ]
         return JSONResponse({"error": "; ".join(problems), "category": "user"}, 422)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        # Refused before the body is read: an oversize upload costs the server nothing.
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > state.config.max_body_bytes:
+            message = (
+                f"body: {int(length):,} bytes is over the limit of {state.config.max_body_bytes:,}"
+            )
+            return JSONResponse({"error": message, "category": "user"}, 413)
+        return await call_next(request)
 
     api = APIRouter(prefix="/api/v1")
     _service_routes(api, state)
@@ -55,7 +74,7 @@ def create_app(state: ServerState) -> FastAPI:
 
 def _service_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/client/config")
-    def client_config() -> dict:
+    def client_config(tenant: Tenant) -> dict:
         # Defaults of the SDK's ClientConfigResponse, stated so a reader sees what we rely on:
         # no JWT exchange, uncompressed protobuf, chunks sent in parallel (ordered by seq_id).
         return {
@@ -79,8 +98,9 @@ def _service_routes(api: APIRouter, state: ServerState) -> None:
         return {"type": "create_session", "session_id": session_id}
 
     @api.post("/session_heartbeat")
-    def session_heartbeat(body: HeartbeatBody) -> dict:
-        if not state.store.heartbeat(body.session_id):
+    def session_heartbeat(body: HeartbeatBody, tenant: Tenant) -> dict:
+        row = state.store.session(body.session_id)
+        if row is None or row["tenant"] != tenant or not state.store.heartbeat(body.session_id):
             raise NotFoundError(f"session_id: no session {body.session_id!r}")
         return {"type": "session_heartbeat"}
 
@@ -89,7 +109,7 @@ def _service_routes(api: APIRouter, state: ServerState) -> None:
         return {"status": "accepted"}  # accepted and dropped: Bios collects no telemetry
 
     @api.get("/get_server_capabilities")
-    def capabilities() -> dict:
+    def capabilities(tenant: Tenant) -> dict:
         models = []
         for name in state.config.models:
             worker = state.engine.worker(name)

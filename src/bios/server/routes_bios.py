@@ -3,6 +3,7 @@
 - `GET /bios/hparams?model=M[&lora=true][&examples=N&completion_tokens=T]`: the learning rate
   chosen for a model, and with dataset figures the full recommendation (batch, steps, rank).
 - `POST /bios/diagnose {"records": [...]}`: the training-health findings for a metric stream.
+- `GET /bios/runs/{model_id}/fingerprint`: a hash of a run's weights and optimizer state.
 
 Other extensions ride on Tinker's own routes: every Bios objective name (and weighted lists of
 them) is accepted as `loss_fn`, `forward_backward_input.reference` names a reference policy,
@@ -21,6 +22,7 @@ from fastapi import APIRouter
 from bios.diagnostics import diagnose
 from bios.errors import InvalidInputError
 from bios.hparams import DatasetStats, get_lr, recommend
+from bios.server.auth import Tenant
 from bios.server.state import ServerState
 from bios.server.wire import Body
 
@@ -46,6 +48,15 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 answer["recommendation"] = dataclasses.asdict(recommend(model, stats, lora=lora))
         answer["warnings"] = [str(w.message) for w in caught]
         return answer
+
+    @api.get("/bios/runs/{model_id}/fingerprint")
+    def fingerprint(model_id: str, tenant: Tenant) -> dict:
+        """A hash of the run's weights, gradients and optimizer state, taken after every request
+        queued before it: equal before and after a request means it changed nothing."""
+        state.live_run(model_id, tenant)
+        run = state.engine.run(model_id)
+        worker_future = state.engine.worker_of(model_id).submit(run.fingerprint)
+        return {"model_id": model_id, "fingerprint": worker_future.result()}
 
     @api.post("/bios/diagnose")
     def diagnose_records(body: DiagnoseBody) -> dict:

@@ -41,7 +41,7 @@ def tinker_uri(path: str) -> str:
 
 def add_routes(api: APIRouter, state: ServerState) -> None:
     def sequenced(model_id: str, seq_id: int | None, kind: str, tenant, action) -> dict:
-        state.run_row(model_id, tenant)
+        state.live_run(model_id, tenant)
         state.store.touch_run(model_id)
         future = state.sequencer.submit(model_id, seq_id, action)
         if future.done() and isinstance(future.exception(), InvalidInputError):
@@ -51,6 +51,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/create_model")
     def create_model(body: CreateModelBody, tenant: Tenant) -> dict:
         state.check_model(body.base_model)
+        state.check_run_quota(tenant)
         lora = None
         if not body.full_finetune:
             lora = LoraConfig(**(body.lora_config.model_dump() if body.lora_config else {}))
@@ -75,7 +76,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.post("/get_info")
     def get_info(body: ModelBody, tenant: Tenant) -> dict:
-        row = state.run_row(body.model_id, tenant)
+        row = state.live_run(body.model_id, tenant)
         info = state.engine.get_info(body.model_id).model_dump(mode="json")
         # The SDK loads the tokenizer client-side from this id: a hub id where there is one.
         worker = state.engine.worker(row["base_model"])
@@ -90,11 +91,17 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/unload_model")
     def unload_model(body: ModelBody, tenant: Tenant) -> dict:
         state.run_row(body.model_id, tenant)
-        future = state.control.submit(lambda: {"model_id": body.model_id, "type": "unload_model"})
+
+        def unload() -> dict:
+            if state.engine.has_run(body.model_id):
+                state.engine.drop_run(body.model_id)
+            return {"model_id": body.model_id, "type": "unload_model"}
+
+        future = state.control.submit(unload)
         return {"request_id": state.submit(future, "unload_model", body.model_id, tenant)}
 
     async def read_forward_backward(
-        request: Request,
+        request: Request, tenant
     ) -> tuple[str, int | None, Callable[[], Future]]:
         raw = await request.body()
         if request.headers.get("content-encoding", "") == "zstd":
@@ -127,6 +134,8 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 payload.reference,
             )
             forward_only = body.forward_only or body.forward_input is not None
+            if reference is not None and reference != "base":
+                check_checkpoint_owner(state, reference, tenant, "reference")
 
         def action() -> Future:
             return state.engine.forward_backward(
@@ -143,12 +152,12 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.post("/forward_backward")
     async def forward_backward(request: Request, tenant: Tenant) -> dict:
-        model_id, seq_id, action = await read_forward_backward(request)
+        model_id, seq_id, action = await read_forward_backward(request, tenant)
         return sequenced(model_id, seq_id, "forward_backward", tenant, action)
 
     @api.post("/forward")
     async def forward(request: Request, tenant: Tenant) -> dict:
-        model_id, seq_id, action = await read_forward_backward(request)
+        model_id, seq_id, action = await read_forward_backward(request, tenant)
         return sequenced(model_id, seq_id, "forward", tenant, action)
 
     @api.post("/optim_step")
@@ -176,6 +185,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     def save_weights(body: SaveWeightsBody, tenant: Tenant) -> dict:
         if not body.path:
             raise InvalidInputError("path", "a checkpoint name is required")
+        state.check_checkpoint_quota(tenant)
         return sequenced(
             body.model_id,
             body.seq_id,
@@ -190,6 +200,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/save_weights_for_sampler")
     def save_weights_for_sampler(body: SaveWeightsBody, tenant: Tenant) -> dict:
         if body.path:
+            state.check_checkpoint_quota(tenant)
             action = lambda: then(  # noqa: E731
                 state.engine.save_state(
                     body.model_id, body.path, "sampler_weights", body.overwrite
@@ -240,6 +251,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 f"{body.path} is of {saved_state['base_model']!r}, not {body.base_model!r}",
             )
         state.check_model(saved_state["base_model"])
+        state.check_run_quota(tenant)
 
         def create() -> dict:
             created = state.engine.create_run_from_state(body.path, body.optimizer, run_id)

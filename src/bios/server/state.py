@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bios.engine.checkpoints import KINDS, CheckpointPath
 from bios.engine.engine import Engine
 from bios.errors import InvalidInputError, NotFoundError
 from bios.server.futures import Entry, FutureTable
@@ -17,10 +19,17 @@ from bios.server.store import Store
 SERVER_RESTARTED = "the server restarted while this request was in flight; submit it again"
 
 
+class QuotaExceeded(Exception):
+    """A tenant asked for more than its quota (answered with 403)."""
+
+
 @dataclass
 class ServerConfig:
     home: Path
     models: list[str] = field(default_factory=list)  # empty: any model the machine has
+    auth: bool = False  # require API keys (`bios serve` turns it on beyond loopback)
+    max_runs_per_tenant: int = 64  # runs held in memory at once
+    max_checkpoint_bytes_per_tenant: int = 100 * 2**30
     poll_seconds: float = 20.0
     # Keep a forward's graph for the backward that follows (custom losses at built-in cost).
     keep_graphs: bool = True
@@ -33,6 +42,7 @@ class ServerState:
         self.engine = engine if engine is not None else Engine(home=config.home)
         self.store = Store(config.home / "bios.sqlite3")
         self.store.abandon_pending_futures(SERVER_RESTARTED)
+        self._remove_unacknowledged_checkpoints()
         self.futures = FutureTable()
         self.futures.on_done = self._record_done
         self.sequencer = Sequencer()
@@ -40,6 +50,20 @@ class ServerState:
         self.control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bios-control")
         self.samplers: dict[str, object] = {}  # sampler id -> SamplingSession (kept alive here)
         self._lock = threading.Lock()
+
+    def _remove_unacknowledged_checkpoints(self) -> None:
+        """After a crash: staging folders, and folders renamed into place whose row was never
+        written (their save was never acknowledged), would only block a retry of the save."""
+        for kind_folder in (self.config.home / "runs").glob("*/*"):
+            if kind_folder.name not in KINDS:
+                continue
+            run_id = kind_folder.parent.name
+            for folder in kind_folder.iterdir():
+                if (
+                    folder.name.startswith(".")
+                    or self.store.checkpoint(run_id, kind_folder.name, folder.name) is None
+                ):
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def preload(self) -> None:
         for model in self.config.models:
@@ -52,6 +76,39 @@ class ServerState:
                 "base_model", f"{base_model!r} is not served here (served: {served})"
             )
         return base_model
+
+    def check_run_quota(self, tenant: str | None) -> None:
+        rows, _ = self.store.runs(tenant, limit=1_000_000, offset=0)
+        live = sum(self.engine.has_run(row["run_id"]) for row in rows)
+        if live >= self.config.max_runs_per_tenant:
+            raise QuotaExceeded(
+                f"runs: {live} runs are open, the quota is {self.config.max_runs_per_tenant}; "
+                "unload one (unload_model) first"
+            )
+
+    def check_checkpoint_quota(self, tenant: str | None) -> None:
+        used = self.store.checkpoint_bytes(tenant)
+        if used >= self.config.max_checkpoint_bytes_per_tenant:
+            raise QuotaExceeded(
+                f"checkpoints: {used:,} bytes are stored, the quota is "
+                f"{self.config.max_checkpoint_bytes_per_tenant:,}; delete some first"
+            )
+
+    def live_run(self, model_id: str, tenant: str | None) -> dict:
+        """The run's row, with the run in memory: a run the server no longer holds (it restarted,
+        or the run was unloaded) resumes from its latest training checkpoint."""
+        row = self.run_row(model_id, tenant)
+        with self._lock:
+            if not self.engine.has_run(model_id):
+                latest = self.store.latest_checkpoint(model_id, "weights")
+                if latest is None:
+                    raise NotFoundError(
+                        f"model_id: run {model_id!r} is no longer in memory (the server restarted "
+                        "or it was unloaded) and has no saved state to resume from"
+                    )
+                path = CheckpointPath(model_id, "weights", latest["name"]).uri()
+                self.engine.create_run_from_state(path, with_optimizer=True, run_id=model_id)
+        return row
 
     def run_row(self, model_id: str, tenant: str | None) -> dict:
         """The run's database row; another tenant's run is reported as missing."""

@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS samplers (
     sampler_id TEXT PRIMARY KEY, tenant TEXT, base_model TEXT, model_path TEXT, run_id TEXT,
     created REAL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_hash TEXT PRIMARY KEY, key_prefix TEXT, tenant TEXT, created REAL, revoked REAL);
 CREATE TABLE IF NOT EXISTS futures (
     request_id TEXT PRIMARY KEY, tenant TEXT, model_id TEXT, kind TEXT, status TEXT,
     created REAL, finished REAL, error TEXT);
@@ -200,6 +202,51 @@ class Store:
 
     def sampler(self, sampler_id: str) -> dict | None:
         return self._one("SELECT * FROM samplers WHERE sampler_id = ?", sampler_id)
+
+    # ---- API keys -----------------------------------------------------------------------------
+
+    def add_key(self, key_hash: str, key_prefix: str, tenant: str) -> None:
+        self._exec(
+            "INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL)",
+            key_hash,
+            key_prefix,
+            tenant,
+            time.time(),
+        )
+
+    def tenant_of_key(self, key_hash: str) -> str | None:
+        row = self._one(
+            "SELECT tenant FROM api_keys WHERE key_hash = ? AND revoked IS NULL", key_hash
+        )
+        return row["tenant"] if row else None
+
+    def revoke_keys(self, key_prefix: str) -> int:
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE api_keys SET revoked = ? WHERE key_prefix = ? AND revoked IS NULL",
+                (time.time(), key_prefix),
+            )
+            return cursor.rowcount
+
+    def keys(self) -> list[dict]:
+        return self._all(
+            "SELECT key_prefix, tenant, created, revoked FROM api_keys ORDER BY created"
+        )
+
+    # ---- quotas -------------------------------------------------------------------------------
+
+    def checkpoint_bytes(self, tenant: str | None) -> int:
+        row = self._one(
+            "SELECT COALESCE(SUM(size_bytes), 0) AS n FROM checkpoints WHERE tenant IS ?", tenant
+        )
+        return int(row["n"]) if row else 0
+
+    def latest_checkpoint(self, run_id: str, kind: str = "weights") -> dict | None:
+        return self._one(
+            "SELECT * FROM checkpoints WHERE run_id = ? AND kind = ? ORDER BY created DESC LIMIT 1",
+            run_id,
+            kind,
+        )
 
     # ---- futures ------------------------------------------------------------------------------
 

@@ -1,0 +1,47 @@
+"""Which examples each step trains on: a pure function of (seed, step), so a resumed run sees
+exactly the batches an uninterrupted one would, with no sampler state to save.
+
+The examples are read as an endless stream of epochs; epoch e is a permutation of all examples
+drawn from `numpy.random.default_rng([seed, e])`. Step s (0-based) takes positions
+s·B … s·B + B − 1 of the stream, so a batch may straddle two epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+
+@lru_cache(maxsize=8)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The permutation of example indices for one epoch."""
+    return tuple(int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_examples))
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the examples of step `step` (0-based)."""
+    if num_examples < 1 or batch_size < 1 or step < 0:
+        raise ValueError(f"need num_examples, batch_size >= 1 and step >= 0, got "
+                         f"{num_examples}, {batch_size}, {step}")
+    start = step * batch_size
+    return [
+        epoch_order(num_examples, seed, position // num_examples)[position % num_examples]
+        for position in range(start, start + batch_size)
+    ]
+
+
+def epochs_done(num_examples: int, batch_size: int, steps: int) -> float:
+    """Passes over the data after `steps` steps."""
+    return steps * batch_size / num_examples
+
+
+def steps_for_epochs(num_examples: int, batch_size: int, epochs: float) -> int:
+    """Steps needed for `epochs` passes over the data (at least 1)."""
+    return max(1, math.ceil(epochs * num_examples / batch_size - 1e-9))
+
+
+def chunks(items: list, size: int) -> list[list]:
+    """`items` in consecutive pieces of at most `size` (for evaluation batches)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]

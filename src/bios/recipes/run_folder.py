@@ -1,0 +1,114 @@
+"""A recipe's run folder: `<runs_dir>/<name>/` with what a run leaves behind.
+
+    config.json         the resolved configuration (every setting, including the ones Bios chose)
+    metrics.jsonl       one JSON object per step (`bios.diagnostics` and `bios plot` read it)
+    checkpoints.jsonl   one line per saved state: {"step", "path", "final"}; `path` is the
+                        bios:// training state (weights and optimizer) to resume or export from
+
+The checkpoints themselves live where the engine keeps them (`$BIOS_HOME/runs/<run_id>/`, or the
+server's home); the folder records their paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bios.diagnostics import read_metrics
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+CHECKPOINT_SCHEMES = ("bios://", "tinker://")
+
+
+class RunFolder:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def prepare(cls, runs_dir: str, name: str | None, recipe: str, resume: bool) -> RunFolder:
+        """The folder of a new run, or of the run to resume. A new run never reuses a folder
+        that holds a run already."""
+        name = name or f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = cls(Path(runs_dir) / name)
+        if folder.saved_config() is not None and not resume:
+            raise FileExistsError(
+                f"{folder.path} holds a run already: resume it (resume=True, --resume) or "
+                "choose another name"
+            )
+        folder.path.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    # ---- configuration ----------------------------------------------------------------------
+
+    def saved_config(self) -> dict[str, Any] | None:
+        file = self.path / CONFIG_FILE
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    def write_config(self, values: dict[str, Any]) -> None:
+        _write_atomic(self.path / CONFIG_FILE, json.dumps(values, indent=2) + "\n")
+
+    # ---- metrics ----------------------------------------------------------------------------
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        file = self.path / METRICS_FILE
+        return read_metrics(file) if file.is_file() else []
+
+    def keep_metrics_until(self, step: int) -> list[dict[str, Any]]:
+        """Drop the records after `step` (a resumed run redoes those steps); return the rest."""
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
+        _write_atomic(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def add_checkpoint(self, step: int, path: str, final: bool = False) -> None:
+        with open(self.path / CHECKPOINTS_FILE, "a", encoding="utf-8") as file:
+            file.write(json.dumps({"step": step, "path": path, "final": final}) + "\n")
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        file = self.path / CHECKPOINTS_FILE
+        if not file.is_file():
+            return []
+        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        saved = self.checkpoints()
+        return max(saved, key=lambda c: c["step"]) if saved else None
+
+
+def checkpoint_path(reference: str | os.PathLike[str]) -> str:
+    """A bios:// path from a bios:// / tinker:// path, or from a run folder (its last checkpoint)."""
+    text = os.fspath(reference)
+    if text.startswith(CHECKPOINT_SCHEMES):
+        return text
+    folder = RunFolder(text)
+    if folder.saved_config() is None:
+        raise ValueError(f"{text}: neither a bios:// checkpoint path nor a run folder")
+    last = folder.last_checkpoint()
+    if last is None:
+        raise ValueError(f"{text}: the run saved no checkpoint yet")
+    return last["path"]
+
+
+def list_runs(runs_dir: str | os.PathLike[str]) -> list[RunFolder]:
+    """The run folders directly inside `runs_dir`, oldest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    folders = [RunFolder(p) for p in root.iterdir() if (p / CONFIG_FILE).is_file()]
+    return sorted(folders, key=lambda f: (f.path / CONFIG_FILE).stat().st_mtime)
+
+
+def _write_atomic(file: Path, text: str) -> None:
+    staging = file.with_name(file.name + ".tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, file)
