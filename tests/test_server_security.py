@@ -180,7 +180,7 @@ def test_listings_show_only_your_own(secured):
 def test_alice_state_is_untouched_and_still_hers(secured):
     training = secured["training"]
     before = call(secured, "alice", "GET", f"bios/runs/{secured['run']}/fingerprint").json()
-    for case, (method, route, kwargs) in bob_requests(secured).items():
+    for method, route, kwargs in bob_requests(secured).values():
         call(secured, "bob", method, route, **kwargs)
     after = call(secured, "alice", "GET", f"bios/runs/{secured['run']}/fingerprint").json()
     assert before == after
