@@ -19,7 +19,7 @@ from bios import __version__
 from bios.errors import InvalidInputError, NotFoundError
 from bios.server import routes_bios, routes_checkpoints, routes_sampling, routes_training
 from bios.server.auth import Tenant, Unauthorized
-from bios.server.state import QuotaExceeded, ServerState
+from bios.server.state import RESULT_LOST, QuotaExceeded, ServerState
 from bios.server.wire import FutureBody, HeartbeatBody, SessionBody, encode_result, error_category
 
 
@@ -122,9 +122,11 @@ def _service_routes(api: APIRouter, state: ServerState) -> None:
         entry = state.futures.get(body.request_id)
         if entry is None or entry.tenant != tenant:
             row = state.store.future(body.request_id)
-            if row is not None and row["tenant"] == tenant and row["status"] == "failed":
-                return JSONResponse({"error": row["error"], "category": "server"})
-            raise NotFoundError(f"request_id: no request {body.request_id!r}")
+            if row is None or row["tenant"] != tenant:
+                raise NotFoundError(f"request_id: no request {body.request_id!r}")
+            # Known from before a restart: results are not kept across restarts, errors are.
+            error = row["error"] if row["status"] == "failed" else RESULT_LOST
+            return JSONResponse({"error": error, "category": "server"})
         if not await state.futures.wait(entry, state.config.poll_seconds):
             return JSONResponse(
                 {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}

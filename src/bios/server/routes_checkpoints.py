@@ -151,9 +151,8 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     def download_archive(
         run_id: str, kind: str, name: str, expires: int, signature: str
     ) -> Response:
-        if expires < time.time() or not hmac.compare_digest(
-            signature, sign(run_id, kind, name, expires)
-        ):
+        expected = sign(run_id, kind, name, expires).encode()
+        if expires < time.time() or not hmac.compare_digest(signature.encode(), expected):
             raise NotFoundError("signature: the download link is invalid or expired")
         if state.store.checkpoint(run_id, kind, name) is None:
             raise NotFoundError(f"checkpoint_id: no checkpoint {kind}/{name} in run {run_id!r}")

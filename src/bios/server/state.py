@@ -17,6 +17,10 @@ from bios.server.sequencer import Sequencer
 from bios.server.store import Store
 
 SERVER_RESTARTED = "the server restarted while this request was in flight; submit it again"
+RESULT_LOST = (
+    "the server restarted after this request finished and its result was not kept; "
+    "saved checkpoints are intact"
+)
 
 
 class QuotaExceeded(Exception):
