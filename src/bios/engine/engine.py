@@ -157,11 +157,20 @@ class Engine:
         batch = pack_batch(data, objective, worker.vocab_size, worker.max_length)
         adapter = self._reference_adapter(run, reference)
         future = worker.submit(
-            run.forward_backward, batch, objective, config, backward, adapter, keep_graph
+            run.forward_backward,
+            batch,
+            objective,
+            config,
+            backward,
+            adapter,
+            keep_graph,
+            lane=run_id,
         )
         if keep_graph and not backward:
             # Free the kept graph's memory once it expires, if nothing used or replaced it.
-            timer = threading.Timer(KEEP_SECONDS + 1, lambda: worker.submit(run.drop_expired_graph))
+            timer = threading.Timer(
+                KEEP_SECONDS + 1, lambda: worker.submit(run.drop_expired_graph, lane=run_id)
+            )
             timer.daemon = True
             timer.start()
         return future
@@ -177,7 +186,7 @@ class Engine:
                 self._sessions[session.session_id] = session
             return session
 
-        return worker.submit(snapshot)
+        return worker.submit(snapshot, lane=run_id)
 
     def forward_backward_custom(
         self,
@@ -195,7 +204,9 @@ class Engine:
                 "loss_type_input", f"expected one of {CUSTOM_INPUT_TYPES}, got {loss_type_input!r}"
             )
         batch = pack_batch(data, None, worker.vocab_size, worker.max_length)
-        return worker.submit(run.forward_backward_custom, batch, data, loss_fn, loss_type_input)
+        return worker.submit(
+            run.forward_backward_custom, batch, data, loss_fn, loss_type_input, lane=run_id
+        )
 
     def _reference_adapter(self, run: TrainingRun, reference: str | None) -> LoRAAdapter | None:
         """The frozen reference policy: None (the base model) or a saved LoRA adapter.
@@ -227,7 +238,7 @@ class Engine:
         run = self.run(run_id)
         if not isinstance(adam_params, AdamParams):
             raise InvalidInputError("adam_params", f"expected AdamParams, got {adam_params!r}")
-        return self._run_workers[run_id].submit(run.optim_step, adam_params)
+        return self._run_workers[run_id].submit(run.optim_step, adam_params, lane=run_id)
 
     def save_state(
         self, run_id: str, name: str, kind: str = "weights", overwrite: bool = False
@@ -246,7 +257,7 @@ class Engine:
                 run.save(staging, with_optimizer=kind == "weights")
             return path.uri()
 
-        return self._run_workers[run_id].submit(save)
+        return self._run_workers[run_id].submit(save, lane=run_id)
 
     def load_state(self, run_id: str, path: str, with_optimizer: bool) -> Future[str]:
         run = self.run(run_id)
@@ -267,7 +278,7 @@ class Engine:
             run.load(folder, with_optimizer)
             return path
 
-        return self._run_workers[run_id].submit(load)
+        return self._run_workers[run_id].submit(load, lane=run_id)
 
     def get_info(self, run_id: str) -> GetInfoResponse:
         run = self.run(run_id)
@@ -302,7 +313,7 @@ class Engine:
         stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
         if worker.loaded.tokenizer.eos_token_id is not None:
             stop_ids.append(worker.loaded.tokenizer.eos_token_id)
-        return worker.submit(run.generate, tokens, max_tokens, sorted(set(stop_ids)))
+        return worker.submit(run.generate, tokens, max_tokens, sorted(set(stop_ids)), lane=run_id)
 
     # ---- sampling (bios.engine.sampling) ----------------------------------------------------
 
@@ -317,7 +328,7 @@ class Engine:
         it weakly (by `session.session_id`): it lives while the caller keeps it."""
         if run_id is not None:
             run, worker = self.run(run_id), self._run_workers[run_id]
-            session = worker.submit(SamplingSession.of_run, worker, run).result()
+            session = worker.submit(SamplingSession.of_run, worker, run, lane=run_id).result()
         elif model_path is not None:
             try:
                 folder = checkpoint_folder(self.home, model_path, "model_path")

@@ -1,15 +1,20 @@
 """One worker per base model: the shared frozen weights, the runs trained on them, and a thread.
 
-All requests for runs on one base model execute on the worker's single thread, in the order they
-were submitted. That gives every client Tinker's ordering guarantee (a `forward_backward` and an
-`optim_step` submitted back to back run in that order) and makes switching the active adapter
-of the shared model safe.
+All work on one base model runs on the worker's single thread, which makes switching the active
+adapter of the shared model safe. Work is queued in lanes — one per run (a run's requests), plus
+one for everything else (loading, sampling) — and the thread takes one item from each lane in
+turn. Within a lane, items run in submission order, which gives every client Tinker's ordering
+guarantee (a `forward_backward` and an `optim_step` submitted back to back run in that order).
+Across lanes the turns are fair: a tenant that queues a hundred requests delays another tenant's
+next request by at most one of them, never by all hundred.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 from bios.engine.runs import TrainingRun
@@ -17,6 +22,7 @@ from bios.models.loading import LoadedModel
 from bios.models.lora import AdapterHost
 
 T = TypeVar("T")
+_Item = tuple[Callable[..., object], tuple[object, ...], Future]
 
 
 class ModelWorker:
@@ -24,7 +30,11 @@ class ModelWorker:
         self.loaded = loaded
         self.host = AdapterHost(loaded.model)
         self.runs: dict[str, TrainingRun] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bios-worker")
+        self._lanes: OrderedDict[str, deque[_Item]] = OrderedDict()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="bios-worker", daemon=True)
+        self._thread.start()
 
     @property
     def vocab_size(self) -> int:
@@ -34,9 +44,48 @@ class ModelWorker:
     def max_length(self) -> int:
         return int(getattr(self.loaded.model.config, "max_position_embeddings", 1 << 20))
 
-    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
-        """Queue `fn(*args)` behind every request submitted before it."""
-        return self._executor.submit(fn, *args)
+    def submit(self, fn: Callable[..., T], *args: object, lane: str = "") -> Future[T]:
+        """Queue `fn(*args)` behind everything submitted to `lane` before it."""
+        future: Future[T] = Future()
+        with self._ready:
+            if self._stopping:
+                raise RuntimeError("the model worker has shut down")
+            self._lanes.setdefault(lane, deque()).append((fn, args, future))
+            self._ready.notify()
+        return future
+
+    def pending(self) -> int:
+        with self._ready:
+            return sum(len(lane) for lane in self._lanes.values())
+
+    def _next(self) -> _Item | None:
+        """The first item of the lane whose turn it is; that lane then goes to the back."""
+        with self._ready:
+            while not self._lanes and not self._stopping:
+                self._ready.wait()
+            if not self._lanes:
+                return None
+            lane, items = self._lanes.popitem(last=False)
+            item = items.popleft()
+            if items:
+                self._lanes[lane] = items
+            return item
+
+    def _loop(self) -> None:
+        while (item := self._next()) is not None:
+            fn, args, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # the submitter sees it on .result()
+                future.set_exception(error)
+            # Let go of the work while idle: a dropped sampling client's snapshot must be freed.
+            del item, fn, args, future
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
+        """Finish what is queued, then stop the thread."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        self._thread.join()

@@ -55,7 +55,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         queued before it: equal before and after a request means it changed nothing."""
         state.live_run(model_id, tenant)
         run = state.engine.run(model_id)
-        worker_future = state.engine.worker_of(model_id).submit(run.fingerprint)
+        worker_future = state.engine.worker_of(model_id).submit(run.fingerprint, lane=model_id)
         return {"model_id": model_id, "fingerprint": worker_future.result()}
 
     @api.post("/bios/diagnose")
