@@ -14,6 +14,7 @@ from concurrent.futures import Future
 
 import zstandard
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from bios.client.futures import then
 from bios.engine.checkpoints import CheckpointPath, checkpoint_folder
@@ -100,18 +101,17 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         future = state.control.submit(unload)
         return {"request_id": state.submit(future, "unload_model", body.model_id, tenant)}
 
-    async def read_forward_backward(
-        request: Request, tenant
+    def parse_forward_backward(
+        raw: bytes, headers, tenant
     ) -> tuple[str, int | None, Callable[[], Future]]:
-        raw = await request.body()
-        if request.headers.get("content-encoding", "") == "zstd":
+        if headers.get("content-encoding", "") == "zstd":
             try:
                 raw = zstandard.ZstdDecompressor().decompress(
                     raw, max_output_size=state.config.max_body_bytes
                 )
             except zstandard.ZstdError as error:
                 raise InvalidInputError("body", f"not valid zstd ({error})") from None
-        if request.headers.get("content-type", "").startswith(tinker_wire.PROTOBUF):
+        if headers.get("content-type", "").startswith(tinker_wire.PROTOBUF):
             call = tinker_wire.decode_forward_backward(raw)
             model_id, seq_id = call.model_id, call.seq_id
             data, loss_fn, config, reference = call.data, call.loss_fn, call.loss_fn_config, None
@@ -150,15 +150,25 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
         return model_id, seq_id, action
 
+    def handle_forward_backward(raw: bytes, headers, tenant, kind: str) -> dict:
+        model_id, seq_id, action = parse_forward_backward(raw, headers, tenant)
+        return sequenced(model_id, seq_id, kind, tenant, action)
+
+    # Only reading the body happens on the event loop; decoding and validating a large batch
+    # runs in a thread, so polls and other tenants' requests are not held up meanwhile.
     @api.post("/forward_backward")
     async def forward_backward(request: Request, tenant: Tenant) -> dict:
-        model_id, seq_id, action = await read_forward_backward(request, tenant)
-        return sequenced(model_id, seq_id, "forward_backward", tenant, action)
+        raw = await request.body()
+        return await run_in_threadpool(
+            handle_forward_backward, raw, request.headers, tenant, "forward_backward"
+        )
 
     @api.post("/forward")
     async def forward(request: Request, tenant: Tenant) -> dict:
-        model_id, seq_id, action = await read_forward_backward(request, tenant)
-        return sequenced(model_id, seq_id, "forward", tenant, action)
+        raw = await request.body()
+        return await run_in_threadpool(
+            handle_forward_backward, raw, request.headers, tenant, "forward"
+        )
 
     @api.post("/optim_step")
     def optim_step(body: OptimStepBody, tenant: Tenant) -> dict:
