@@ -9,7 +9,8 @@ tenant.
    `--no-keep-graphs` (what the SDK's own service does: 1.5x FLOPs). Median of `--repeats`
    calls each, after a warm-up.
 2. Memory: the server's resident memory (VmRSS) after one LoRA rank-32 run has taken a training
-   step (2 x 256 tokens), and after eight runs each have, on a fresh server.
+   step, and after eight runs each have, on a fresh server per batch size (8 x 256 tokens, the
+   training batch above, and 2 x 256).
 
 Servers run as real processes on loopback; the script starts and stops them itself.
 """
@@ -34,6 +35,7 @@ import tinker
 import torch
 from tinker import types
 
+from bios.hparams import lora_param_count
 from bios.models.loading import DEFAULT_MODEL, resolve_model_path
 from server_process import ServerProcess
 
@@ -113,13 +115,16 @@ def main() -> None:
     resolve_model_path(DEFAULT_MODEL)  # convert once before timing anything
     data = make_batch(49152, args.batch, args.length)
 
-    # Memory first, on a fresh server: RSS keeps the high-water mark of earlier, bigger batches.
-    with tempfile.TemporaryDirectory() as home:
-        server = ServerProcess(Path(home), [DEFAULT_MODEL])
-        try:
-            memory = memory_per_tenant(server.url, server.process.pid, data[:2])
-        finally:
-            server.stop()
+    # Memory first, on a fresh server per batch: RSS keeps the high-water mark of earlier work.
+    memory = {}
+    for batch in (data, data[:2]):
+        with tempfile.TemporaryDirectory() as home:
+            server = ServerProcess(Path(home), [DEFAULT_MODEL])
+            try:
+                label = f"{len(batch)} x {args.length}"
+                memory[label] = memory_per_tenant(server.url, server.process.pid, batch)
+            finally:
+                server.stop()
     results = {}
     for label, extra in (("keep graphs (Bios)", []), ("no kept graphs", ["--no-keep-graphs"])):
         with tempfile.TemporaryDirectory() as home:
@@ -143,11 +148,13 @@ def main() -> None:
     for label, figures in results.items():
         ratio = figures["custom"] / figures["builtin"]
         print(f"{label:22s} {figures['builtin']:10.3f} {figures['custom']:10.3f} {ratio:14.2f}x")
-    one, eight = memory
-    print(
-        f"server RSS: 1 LoRA run {one:.0f} MiB, 8 LoRA runs {eight:.0f} MiB, "
-        f"ratio {eight / one:.2f}x"
-    )
+    adapter_mib = lora_param_count(DEFAULT_MODEL, 32) * 4 * 3 / 2**20  # weights + 2 moments
+    print(f"one rank-32 adapter with its AdamW moments: {adapter_mib:.0f} MiB")
+    for batch, (one, eight) in memory.items():
+        print(
+            f"server RSS, steps of {batch} tokens: 1 LoRA run {one:.0f} MiB, 8 LoRA runs "
+            f"{eight:.0f} MiB, ratio {eight / one:.2f}x, {(eight - one) / 7:.0f} MiB per extra run"
+        )
 
 
 if __name__ == "__main__":
