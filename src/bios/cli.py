@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     from bios.server.commands import add_commands as add_server_commands
 
     add_server_commands(commands)
+    from bios.launch import add_commands as add_launch_commands
+
+    add_launch_commands(commands)
+    from bios.commands import add_commands as add_recipe_commands
+
+    add_recipe_commands(commands)
     return parser
 
 

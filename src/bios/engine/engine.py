@@ -59,7 +59,11 @@ class Engine:
         """The process-wide engine used by `ServiceClient()`, so runs share base weights."""
         with cls._default_lock:
             if cls._default is None:
-                cls._default = cls()
+                # Under torchrun with several ranks: a DistributedEngine on rank 0, and on the
+                # other ranks a follower loop that never returns (bios.distributed).
+                from bios.distributed import engine_for_this_process
+
+                cls._default = engine_for_this_process(cls)
             return cls._default
 
     # ---- models and runs ----------------------------------------------------------------------
@@ -98,13 +102,20 @@ class Engine:
                 raise InvalidInputError("model_id", f"a run {run_id!r} already exists")
         worker = self.worker(base_model)
         run_id = run_id or uuid.uuid4().hex[:16]
-        full_model = None if lora is not None else load_model(base_model).model
-        # Built on the worker thread: it reads the shared model, which other runs may be using.
-        run = worker.submit(TrainingRun, run_id, base_model, worker.host, lora, full_model).result()
+        run = self._new_run(worker, run_id, base_model, lora)
         with self._lock:
             worker.runs[run_id] = run
             self._run_workers[run_id] = worker
         return run_id
+
+    def _new_run(
+        self, worker: ModelWorker, run_id: str, base_model: str, lora: LoraConfig | None
+    ) -> TrainingRun:
+        full_model = None if lora is not None else load_model(base_model).model
+        # Built on the worker thread: it reads the shared model, which other runs may be using.
+        return worker.submit(
+            TrainingRun, run_id, base_model, worker.host, lora, full_model
+        ).result()
 
     def create_run_from_state(
         self, path: str, with_optimizer: bool, run_id: str | None = None
@@ -181,7 +192,7 @@ class Engine:
         run, worker = self.run(run_id), self._run_workers[run_id]
 
         def snapshot() -> SamplingSession:
-            session = SamplingSession.of_run(worker, run)
+            session = self._session_of_run(worker, run)
             with self._lock:
                 self._sessions[session.session_id] = session
             return session
@@ -328,24 +339,35 @@ class Engine:
         it weakly (by `session.session_id`): it lives while the caller keeps it."""
         if run_id is not None:
             run, worker = self.run(run_id), self._run_workers[run_id]
-            session = worker.submit(SamplingSession.of_run, worker, run, lane=run_id).result()
+            session = worker.submit(self._session_of_run, worker, run, lane=run_id).result()
         elif model_path is not None:
             try:
                 folder = checkpoint_folder(self.home, model_path, "model_path")
             except NotFoundError as error:
                 raise InvalidInputError("model_path", f"no checkpoint at {model_path}") from error
-            session = SamplingSession.of_checkpoint(folder, self.worker)
+            session = self._session_of_checkpoint(folder)
             if base_model is not None and self.worker(base_model) is not session.worker:
                 raise InvalidInputError(
                     "base_model", f"{model_path} is of {session.base_model!r}, not {base_model!r}"
                 )
         elif base_model is not None:
-            session = SamplingSession(self.worker(base_model), base_model)
+            session = self._session_of_base(self.worker(base_model), base_model)
         else:
             raise InvalidInputError("model_path", "give model_path or base_model")
         with self._lock:
             self._sessions[session.session_id] = session
         return session
+
+    # Where sessions come from (a DistributedEngine builds the same on every rank).
+
+    def _session_of_run(self, worker: ModelWorker, run: TrainingRun) -> SamplingSession:
+        return SamplingSession.of_run(worker, run)
+
+    def _session_of_checkpoint(self, folder: Path) -> SamplingSession:
+        return SamplingSession.of_checkpoint(folder, self.worker)
+
+    def _session_of_base(self, worker: ModelWorker, base_model: str) -> SamplingSession:
+        return SamplingSession(worker, base_model)
 
     def sampling_session(self, session_id: str) -> SamplingSession:
         session = self._sessions.get(session_id)

@@ -268,8 +268,27 @@ class TrainingRun:
         Everything is read and checked before anything is assigned, so a mismatched checkpoint
         leaves the run as it was.
         """
+        self.assign(*self.read_state(folder, with_optimizer))
+
+    def read_state(
+        self, folder: Path, with_optimizer: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], int]:
+        """A saved state's weights, optimizer moments and step count, checked against this run
+        (InvalidInputError if they do not fit); without the optimizer, no moments and step 0."""
         weights = self._read_weights(folder)
         optimizer_state = self._read_optimizer(folder) if with_optimizer else {}
+        saved = (
+            json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).exists() else {}
+        )
+        return weights, optimizer_state, int(saved.get("steps", 0)) if with_optimizer else 0
+
+    def assign(
+        self,
+        weights: dict[str, torch.Tensor],
+        optimizer_state: dict[str, dict[str, torch.Tensor]],
+        steps: int,
+    ) -> None:
+        """Put checked weights, optimizer moments (may be empty) and a step count in place."""
         with torch.no_grad():
             for name, tensor in weights.items():
                 self.parameters[name].copy_(tensor)
@@ -278,10 +297,7 @@ class TrainingRun:
         self.optimizer.state.clear()
         for name, state in optimizer_state.items():
             self.optimizer.state[self.parameters[name]] = state
-        saved = (
-            json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).exists() else {}
-        )
-        self.steps = int(saved.get("steps", 0)) if with_optimizer else 0
+        self.steps = steps
 
     def _read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
         if self.adapter is not None:

@@ -10,7 +10,8 @@ One call of `generate` decodes a batch of requests (each a prompt and `num_sampl
    prompt of the batch and repeated once per sample (`bios.engine.kv_cache.batch_cache`). Padded
    positions are masked out, and every row has its own position ids, so padding changes nothing.
 3. Decode: one forward of the batch's newest tokens per step (the cache appends in place, see
-   `bios.engine.kv_cache`). Rows stop on a stop token (the tokenizer's end-of-sequence tokens
+   `bios.engine.kv_cache`; batches of a few rows or more use prepacked weights,
+   `bios.engine.packed`). Rows stop on a stop token (the tokenizer's end-of-sequence tokens
    always count), a stop string or `max_tokens`; finished rows are dropped from the batch (and
    cache) once they are a quarter of it.
 
@@ -32,6 +33,7 @@ seed only, never on which other requests share its batch.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +41,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from bios.engine.kv_cache import batch_cache
+from bios.engine.packed import MIN_ROWS, PackedLinears
 from bios.types import SampledSequence, SampleResponse, StopReason
 
 
@@ -64,6 +67,11 @@ class SampleRequest:
     settings: SampleSettings
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # A part of a larger request (several ranks share one): these are samples
+    # [first_sample, first_sample + num_samples) of `total_samples`, drawn from the whole
+    # request's random stream, so the parts together equal the request decoded at once.
+    first_sample: int = 0
+    total_samples: int | None = None
 
 
 def choose_tokens(
@@ -222,17 +230,21 @@ class _Decoder:
             positions=prompt_lengths[self.request_of],
         )
         batch.segments = self._segments(batch.ids)
-        for step in range(self.steps):
-            tokens = self._choose(batch, logits, step)
-            if not batch.alive.any():
-                break
-            if batch.cache is None:
-                # Built only now: a batch whose rows all stop at once (max_tokens=1) needs none.
-                tokens = self._keep_alive(batch, tokens)
-                self._build_cache(batch, prefills)
-            elif int((~batch.alive).sum()) * 4 >= len(batch.ids):
-                tokens = self._keep_alive(batch, tokens)
-            logits = self._forward(batch, tokens)
+        with ExitStack() as stack:
+            for step in range(self.steps):
+                tokens = self._choose(batch, logits, step)
+                if not batch.alive.any():
+                    break
+                if batch.cache is None:
+                    # Built only now: a batch whose rows all stop at once (max_tokens=1) needs none.
+                    tokens = self._keep_alive(batch, tokens)
+                    self._build_cache(batch, prefills)
+                    packed = PackedLinears.of(self.model) if len(tokens) >= MIN_ROWS else None
+                    if packed is not None:
+                        stack.enter_context(packed.installed())
+                elif int((~batch.alive).sum()) * 4 >= len(batch.ids):
+                    tokens = self._keep_alive(batch, tokens)
+                logits = self._forward(batch, tokens)
         return self._responses(prefills)
 
     def _segments(self, ids: torch.Tensor) -> list[_Segment]:
@@ -259,7 +271,10 @@ class _Decoder:
                 # num_samples uniforms per step while the request runs, whatever the batch holds,
                 # so the request's random stream depends on its seed alone.
                 generator = self.generators[segment.request]
-                uniforms = torch.rand(request.num_samples, generator=generator, dtype=torch.float64)
+                draws = request.total_samples or request.num_samples
+                uniforms = torch.rand(draws, generator=generator, dtype=torch.float64)
+                if draws != request.num_samples:
+                    uniforms = uniforms[request.first_sample :][: request.num_samples]
                 if segment.samples is not None:
                     uniforms = uniforms[segment.samples]
             tokens[segment.rows], logprobs[segment.rows] = choose_tokens(

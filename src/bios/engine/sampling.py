@@ -172,14 +172,18 @@ class SamplingSession:
             return  # an earlier drain took them
         self.batch_sizes.append(len(batch))
         try:
-            with self.model() as model:
-                responses = generate(model, [r for r, _ in batch], self.worker.loaded.tokenizer)
+            responses = self._decode([r for r, _ in batch])
         except BaseException as error:
             for _, future in batch:
                 future.set_exception(error)
             return
         for (_, future), response in zip(batch, responses, strict=True):
             future.set_result(response)
+
+    def _decode(self, requests: list[SampleRequest]) -> list[SampleResponse]:
+        """One response per request, decoded as one batch (worker thread only)."""
+        with self.model() as model:
+            return generate(model, requests, self.worker.loaded.tokenizer)
 
     # ---- checks -----------------------------------------------------------------------------
 

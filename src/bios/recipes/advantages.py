@@ -69,7 +69,9 @@ def reverse_kl_advantages(
     gaps = []
     for student, teacher in zip(student_logprobs, teacher_logprobs, strict=True):
         if len(student) != len(teacher):
-            raise ValueError(f"a sequence has {len(student)} student, {len(teacher)} teacher logprobs")
+            raise ValueError(
+                f"a sequence has {len(student)} student, {len(teacher)} teacher logprobs"
+            )
         gaps.append([coef * (t - s) for s, t in zip(student, teacher, strict=True)])
     tokens = [g for gap in gaps for g in gap]
     b = statistics.fmean(tokens) if baseline and tokens else 0.0

@@ -4,6 +4,8 @@ exactly the batches an uninterrupted one would, with no sampler state to save.
 The examples are read as an endless stream of epochs; epoch e is a permutation of all examples
 drawn from `numpy.random.default_rng([seed, e])`. Step s (0-based) takes positions
 s·B … s·B + B − 1 of the stream, so a batch may straddle two epochs.
+
+A step's batch is sent in pieces of at most `tokens_per_request` tokens (`token_chunks`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 from functools import lru_cache
 
 import numpy as np
+
+from bios.types import Datum
 
 
 @lru_cache(maxsize=8)
@@ -23,8 +27,10 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Indices of the examples of step `step` (0-based)."""
     if num_examples < 1 or batch_size < 1 or step < 0:
-        raise ValueError(f"need num_examples, batch_size >= 1 and step >= 0, got "
-                         f"{num_examples}, {batch_size}, {step}")
+        raise ValueError(
+            f"need num_examples, batch_size >= 1 and step >= 0, got "
+            f"{num_examples}, {batch_size}, {step}"
+        )
     start = step * batch_size
     return [
         epoch_order(num_examples, seed, position // num_examples)[position % num_examples]
@@ -42,6 +48,20 @@ def steps_for_epochs(num_examples: int, batch_size: int, epochs: float) -> int:
     return max(1, math.ceil(epochs * num_examples / batch_size - 1e-9))
 
 
-def chunks(items: list, size: int) -> list[list]:
-    """`items` in consecutive pieces of at most `size` (for evaluation batches)."""
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def token_chunks(data: list[Datum], max_tokens: int, group: int = 1) -> list[list[Datum]]:
+    """`data` in consecutive pieces of at most `max_tokens` model-input tokens each, never
+    splitting a group of `group` data (DPO's chosen/rejected pairs); a group larger than
+    `max_tokens` is a piece of its own. Sent as one request each, the pieces bound the memory of
+    a step, and their gradients add up to those of the whole batch."""
+    pieces: list[list[Datum]] = []
+    current: list[Datum] = []
+    tokens = 0
+    for start in range(0, len(data), group):
+        members = data[start : start + group]
+        size = sum(d.model_input.length for d in members)
+        if current and tokens + size > max_tokens:
+            pieces.append(current)
+            current, tokens = [], 0
+        current += members
+        tokens += size
+    return [*pieces, current] if current else pieces

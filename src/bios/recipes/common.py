@@ -1,5 +1,5 @@
 """The parts every recipe's loop shares: opening a run (fresh, from a checkpoint, or resumed),
-the optimizer settings of a step, and checkpoints.
+the optimizer settings of a step, sending a batch in pieces, and checkpoints.
 
 A resumed run continues from its last checkpoint — weights and AdamW moments — at the step the
 checkpoint records. The data order and sampling seeds are functions of (seed, step)
@@ -9,16 +9,19 @@ would have.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bios.client.futures import APIFuture
 from bios.client.service import ServiceClient, TrainingClient
 from bios.hparams import lr_multiplier
+from bios.recipes.batches import token_chunks
 from bios.recipes.config import merge_for_resume, to_json
 from bios.recipes.run_folder import RunFolder, checkpoint_path
-from bios.recipes.tracking import Tracker, open_sinks
-from bios.types import AdamParams
+from bios.recipes.tracking import Tracker, open_sinks, require_packages
+from bios.types import AdamParams, Datum, ForwardBackwardOutput
 
 # AdamW as the Tinker cookbook's recipes set it (the SDK's own default eps is 1e-12).
 BETA1, BETA2, EPS = 0.9, 0.95, 1e-8
@@ -49,8 +52,10 @@ def open_run(
     if config.resume and saved is not None:
         config, notes = merge_for_resume(config, saved), []
     else:
-        config, notes = resolve(config)
+        config, notes = resolve(dataclasses.replace(config, name=folder.path.name))
         check(config)
+    require_packages(config.tensorboard, config.wandb)
+    if saved is None:
         folder.write_config({"recipe": recipe, **to_json(config)})
     service = service if service is not None else ServiceClient(base_url=config.base_url)
 
@@ -62,8 +67,9 @@ def open_run(
         training = service.create_training_client_from_state(checkpoint_path(config.init_from))
         start = 0
     else:
-        training = service.create_lora_training_client(config.model, rank=config.rank,
-                                                       seed=config.seed)
+        training = service.create_lora_training_client(
+            config.model, rank=config.rank, seed=config.seed
+        )
         start = 0
     history = folder.keep_metrics_until(start if last is not None else -1)
 
@@ -89,8 +95,9 @@ def check(config: Any) -> None:
     if config.learning_rate is not None and not config.learning_rate > 0:
         problems.append(f"learning_rate: expected > 0, got {config.learning_rate}")
     if config.steps is not None and not 0 <= config.warmup_steps <= config.steps:
-        problems.append(f"warmup_steps: expected 0..steps ({config.steps}), got "
-                        f"{config.warmup_steps}")
+        problems.append(
+            f"warmup_steps: expected 0..steps ({config.steps}), got {config.warmup_steps}"
+        )
     if config.save_every < 0 or (config.eval_every is not None and config.eval_every < 1):
         problems.append("save_every: expected >= 0; eval_every: expected >= 1")
     if problems:
@@ -108,6 +115,41 @@ def adam_params(config: Any, step: int) -> AdamParams:
         weight_decay=config.weight_decay,
         grad_clip_norm=config.grad_clip_norm,
     )
+
+
+Parts = list[tuple[list[Datum], APIFuture[ForwardBackwardOutput]]]
+
+
+def submit(
+    run: Run,
+    data: list[Datum],
+    loss_fn: Any,
+    loss_fn_config: dict[str, float] | None = None,
+    *,
+    backward: bool = True,
+    reference: str | None = None,
+    group: int = 1,
+) -> Parts:
+    """`forward_backward` (or `forward`) on `data` in pieces of at most `tokens_per_request`
+    tokens (groups of `group` kept whole), all submitted at once: gradients add up across the
+    pieces until `optim_step`, as if the batch had been one request."""
+    call = run.training.forward_backward if backward else run.training.forward
+    return [
+        (piece, call(piece, loss_fn, loss_fn_config, reference=reference))
+        for piece in token_chunks(data, run.config.tokens_per_request, group)
+    ]
+
+
+def summed(parts: Parts, key: str) -> float:
+    """A `:sum` metric over all pieces."""
+    return sum(future.result().metrics[key] for _, future in parts)
+
+
+def averaged(parts: Parts, key: str, weight: Callable[[list[Datum]], float]) -> float:
+    """A `:mean` metric over all pieces, each weighted by `weight(piece)` (what it averages)."""
+    weights = [weight(piece) for piece, _ in parts]
+    values = [future.result().metrics[key] for _, future in parts]
+    return sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
 
 
 def due(every: int | None, step: int) -> bool:

@@ -22,21 +22,29 @@ from bios.hparams import SCHEDULES
 from bios.models.loading import DEFAULT_MODEL
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its help text (and allowed values)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, metavar: str | None = None
+) -> Any:
+    """A config field with its help text (and allowed values, and its CLI placeholder)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
 
 
 @dataclass
 class TrainConfig:
     """Settings shared by every recipe."""
 
-    model: str = option(DEFAULT_MODEL, "base model: catalog name, folder, cached hub id or .gguf")
-    data: str = option("", "training data (JSONL)")
-    eval_data: str | None = option(None, "held-out data in the same format (also --eval)")
-    name: str | None = option(None, "run name; the run folder is RUNS_DIR/NAME (default: dated)")
-    runs_dir: str = option("runs", "folder that holds the run folders")
-    init_from: str | None = option(None, "start from these weights: bios:// path or run folder")
+    model: str = option(
+        DEFAULT_MODEL, "base model: catalog name, folder, cached hub id or .gguf", metavar="MODEL"
+    )
+    data: str = option("", "training data, JSONL (required)", metavar="FILE")
+    eval_data: str | None = option(None, "held-out data in the same format", metavar="FILE")
+    name: str | None = option(
+        None, "run name: the run folder is RUNS_DIR/NAME [recipe-date-time]", metavar="NAME"
+    )
+    runs_dir: str = option("runs", "folder that holds the run folders", metavar="RUNS_DIR")
+    init_from: str | None = option(
+        None, "start from these weights: bios:// path or run folder", metavar="PATH"
+    )
     rank: int | None = option(None, "LoRA rank (default: chosen from the data)")
     learning_rate: float | None = option(None, "peak learning rate (default: chosen for the model)")
     lr_schedule: str = option("linear", "learning-rate schedule", SCHEDULES)
@@ -48,9 +56,14 @@ class TrainConfig:
     grad_clip_norm: float = option(0.0, "clip the gradient to this global norm (0: off)")
     eval_every: int | None = option(None, "steps between evaluations (default: 10 per run)")
     save_every: int = option(20, "steps between checkpoints (0: only the final one)")
+    tokens_per_request: int = option(
+        2048, "send a step's batch in pieces of at most this many tokens (bounds memory)"
+    )
     seed: int = option(0, "seed of the LoRA init, the data order and sampling")
     resume: bool = option(False, "continue the run in the run folder from its last checkpoint")
-    base_url: str | None = option(None, "train on a `bios serve` server (default: in-process)")
+    base_url: str | None = option(
+        None, "train on a `bios serve` server (default: in-process)", metavar="URL"
+    )
     tensorboard: bool = option(False, "also log to TensorBoard (needs `tensorboard`)")
     wandb: bool = option(False, "also log to wandb, offline (needs `wandb`)")
     progress: bool = option(True, "show the progress bar")
@@ -81,7 +94,9 @@ def coerce(name: str, value: Any, hint: Any, choices: tuple[str, ...] | None = N
     """`value` as the field's type; strings are parsed (command line, YAML). ValueError names the
     key and what was expected."""
     kind, optional = base_type(hint)
-    callable_ok = any(typing.get_origin(a) is Callable or a is Callable for a in typing.get_args(hint))
+    callable_ok = any(
+        typing.get_origin(a) is Callable or a is Callable for a in typing.get_args(hint)
+    )
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -172,6 +187,9 @@ def merge_for_resume(config: Any, saved: Mapping[str, Any]) -> Any:
         )
     merged = from_mapping(type(config), values)
     keep = {k: getattr(config, k) for k in SESSION_FIELDS}
-    keep |= {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-             if callable(getattr(config, f.name))}
+    keep |= {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if callable(getattr(config, f.name))
+    }
     return dataclasses.replace(merged, **keep)

@@ -21,8 +21,11 @@ SHOWN = (
     ("train_loss", "loss", "{:.4f}"),
     ("eval_loss", "eval", "{:.4f}"),
     ("reward_mean", "reward", "{:.3f}"),
+    ("eval_reward", "eval reward", "{:.3f}"),
     ("teacher_kl", "kl→teacher", "{:.4f}"),
+    ("eval_teacher_kl", "eval kl→teacher", "{:.4f}"),
     ("kl", "kl", "{:.4f}"),
+    ("reward_margin", "margin", "{:.3f}"),
     ("accuracy", "acc", "{:.2f}"),
     ("tokens_per_s", "tok/s", "{:,.0f}"),
 )
@@ -41,6 +44,7 @@ class StepProgress:
         self.enabled = enabled
         self.every = max(1, total // 20)
         self.started = time.monotonic()
+        self.latest: dict[str, Any] = {}
         self.bar: Progress | None = None
         if enabled and self.console.is_terminal:
             self.bar = Progress(
@@ -59,10 +63,11 @@ class StepProgress:
     def note(self, text: str) -> None:
         """A line of text above the bar (or on its own line)."""
         if self.enabled:
-            self.console.print(text, markup=False)
+            self.console.print(text, markup=False, soft_wrap=True)
 
     def update(self, step: int, record: dict[str, Any]) -> None:
-        stats = summary(record)
+        self.latest.update(record)  # an eval from a few steps ago stays on show
+        stats = summary(self.latest)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, stats=stats)
         elif self.enabled and (step % self.every == 0 or step == self.total):
@@ -70,8 +75,9 @@ class StepProgress:
             elapsed = time.monotonic() - self.started
             eta = elapsed / done * (self.total - step) if done > 0 else 0.0
             self.console.print(
-                f"{self.recipe} step {step}/{self.total} · {stats} · eta {_duration(eta)}",
+                f"{self.recipe} step {step}/{self.total} · {stats or '-'} · eta {_duration(eta)}",
                 markup=False,
+                soft_wrap=True,
             )
 
     def close(self) -> None:

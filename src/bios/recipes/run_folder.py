@@ -31,25 +31,42 @@ class RunFolder:
 
     @classmethod
     def prepare(cls, runs_dir: str, name: str | None, recipe: str, resume: bool) -> RunFolder:
-        """The folder of a new run, or of the run to resume. A new run never reuses a folder
-        that holds a run already."""
-        name = name or f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        """The folder of a new run, or of the run to resume (created by `write_config`). A new run
+        never reuses a folder that holds a run already."""
+        if name is None:  # dated, with a suffix if another run started in the same second
+            stamp = f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+            name = next(
+                n
+                for n in (stamp, *(f"{stamp}-{i}" for i in range(2, 1000)))
+                if not (Path(runs_dir) / n).exists()
+            )
         folder = cls(Path(runs_dir) / name)
         if folder.saved_config() is not None and not resume:
             raise FileExistsError(
                 f"{folder.path} holds a run already: resume it (resume=True, --resume) or "
                 "choose another name"
             )
-        folder.path.mkdir(parents=True, exist_ok=True)
+        if (folder.path / CONFIG_FILE).exists() and folder.saved_config() is None:
+            raise FileExistsError(f"{folder.path} holds a config.json that is not a run's")
         return folder
 
     # ---- configuration ----------------------------------------------------------------------
 
     def saved_config(self) -> dict[str, Any] | None:
+        """The run's config.json; None when the folder holds no run (a model folder's
+        config.json, which has no "recipe", is not a run's)."""
         file = self.path / CONFIG_FILE
-        return json.loads(file.read_text()) if file.is_file() else None
+        if not file.is_file():
+            return None
+        try:
+            values = json.loads(file.read_text())
+        except json.JSONDecodeError:
+            return None
+        return values if isinstance(values, dict) and "recipe" in values else None
 
     def write_config(self, values: dict[str, Any]) -> None:
+        """Write config.json, creating the folder: the run exists from here on."""
+        self.path.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.path / CONFIG_FILE, json.dumps(values, indent=2) + "\n")
 
     # ---- metrics ----------------------------------------------------------------------------
@@ -86,7 +103,7 @@ class RunFolder:
 
 
 def checkpoint_path(reference: str | os.PathLike[str]) -> str:
-    """A bios:// path from a bios:// / tinker:// path, or from a run folder (its last checkpoint)."""
+    """A bios:// path, given as one (or tinker://) or as a run folder (its last checkpoint)."""
     text = os.fspath(reference)
     if text.startswith(CHECKPOINT_SCHEMES):
         return text
@@ -99,12 +116,23 @@ def checkpoint_path(reference: str | os.PathLike[str]) -> str:
     return last["path"]
 
 
+def checkpoint_folder_of(reference: str | os.PathLike[str], home: Path | None = None) -> Path:
+    """The local folder of a checkpoint: given as that folder, a bios:// path (under `home`,
+    default $BIOS_HOME) or a run folder (its last checkpoint)."""
+    from bios.engine.checkpoints import checkpoint_folder
+    from bios.models.loading import bios_home
+
+    if (Path(reference) / "bios_state.json").is_file():
+        return Path(reference)
+    return checkpoint_folder(home or bios_home(), checkpoint_path(reference))
+
+
 def list_runs(runs_dir: str | os.PathLike[str]) -> list[RunFolder]:
     """The run folders directly inside `runs_dir`, oldest first."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    folders = [RunFolder(p) for p in root.iterdir() if (p / CONFIG_FILE).is_file()]
+    folders = [RunFolder(p) for p in root.iterdir() if RunFolder(p).saved_config() is not None]
     return sorted(folders, key=lambda f: (f.path / CONFIG_FILE).stat().st_mtime)
 
 

@@ -48,15 +48,19 @@ def resolve_sft(config: Any, stats: DatasetStats) -> tuple[Any, list[str]]:
         n = stats.num_examples
         if config.epochs is not None:
             chosen["steps"] = steps_for_epochs(n, batch, config.epochs)
-            notes.append(f"{chosen['steps']} steps: {config.epochs:g} passes over {n} examples "
-                         f"at batch {batch}")
+            notes.append(
+                f"{chosen['steps']} steps: {config.epochs:g} passes over {n} examples "
+                f"at batch {batch}"
+            )
         elif batch == rec.batch_size:
             chosen["steps"] = rec.steps
             notes.append(_reason(rec.reasons, f"{rec.steps} steps"))
         else:
             chosen["steps"] = recommend_steps(n, batch)
-            notes.append(f"{chosen['steps']} steps: at least 100, toward 1000 within 3 passes "
-                         f"over {n} examples at batch {batch}")
+            notes.append(
+                f"{chosen['steps']} steps: at least 100, toward 1000 within 3 passes "
+                f"over {n} examples at batch {batch}"
+            )
     if config.rank is None and config.init_from is None:
         chosen["rank"] = rec.lora_rank
         notes.append(_reason(rec.reasons, "LoRA rank"))
@@ -79,25 +83,31 @@ def resolve_recipe(config: Any, recipe: str, num_examples: int) -> tuple[Any, li
     batch = config.batch_size
     if batch is None:
         batch = chosen["batch_size"] = min(RECIPE_BATCH[recipe], num_examples)
-        notes.append(f"batch {batch} {unit} per step: small enough for a CPU "
-                     f"(at most {RECIPE_BATCH[recipe]}, and no more than the data has)")
+        notes.append(
+            f"batch {batch} {unit} per step: small enough for a CPU "
+            f"(at most {RECIPE_BATCH[recipe]}, and no more than the data has)"
+        )
     if config.steps is None:
         epochs = config.epochs if config.epochs is not None else 1.0
         steps = steps_for_epochs(num_examples, batch, epochs)
         if config.epochs is None:
             steps = max(steps, MIN_RECIPE_STEPS)
         chosen["steps"] = steps
-        notes.append(f"{steps} steps: {epochs:g} pass(es) over {num_examples} {unit} at batch "
-                     f"{batch}" + ("" if config.epochs else f", at least {MIN_RECIPE_STEPS}"))
+        notes.append(
+            f"{steps} steps: {epochs:g} pass(es) over {num_examples} {unit} at batch "
+            f"{batch}" + ("" if config.epochs else f", at least {MIN_RECIPE_STEPS}")
+        )
     if config.rank is None and config.init_from is None:
         chosen["rank"] = DEFAULT_RANK
         notes.append(f"LoRA rank {DEFAULT_RANK}: the default")
     if config.learning_rate is None:
         factor = RECIPE_LR[recipe] / COOKBOOK_SFT_LR
         lr = chosen["learning_rate"] = get_lr(config.model) * factor
-        notes.append(f"learning rate {lr:.3g}: get_lr({config.model}) × {factor:.3g}, the "
-                     f"cookbook's {recipe} LR ({RECIPE_LR[recipe]:g}) over its SFT LR for "
-                     "Llama-3.1-8B (a heuristic, not calibrated on Bios)")
+        notes.append(
+            f"learning rate {lr:.3g}: get_lr({config.model}) × {factor:.3g}, the "
+            f"cookbook's {recipe} LR ({RECIPE_LR[recipe]:g}) over its SFT LR for "
+            "Llama-3.1-8B (a heuristic, not calibrated on Bios)"
+        )
     return _finish(dataclasses.replace(config, **chosen), notes)
 
 

@@ -9,9 +9,11 @@
                every save_every steps, and at the end: save_state → checkpoints.jsonl
     metrics  train_loss, eval_loss (per weighted token), learning_rate, grad_norm, epoch, tokens/s
 
-Left out on purpose: packing several examples into one sequence, gradient accumulation over
-micro-batches (the engine takes the whole batch), and early stopping (the health check says
-when the eval loss turns up).
+A step's batch goes to the engine in pieces of at most `tokens_per_request` tokens; their
+gradients add up until `optim_step`, so the pieces only bound the memory a step needs.
+
+Left out on purpose: packing several examples into one sequence, and early stopping (the health
+check says when the eval loss turns up).
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bios.client.service import ServiceClient, TrainingClient
+from bios.client.service import ServiceClient
 from bios.data.chat import conversation_to_datum, prompt_completion_to_datum
 from bios.hparams import stats_from_data
 from bios.models.loading import load_tokenizer
-from bios.recipes.batches import batch_indices, chunks, epochs_done
-from bios.recipes.common import adam_params, checkpoint_if_due, due, open_run
+from bios.recipes.batches import batch_indices, epochs_done
+from bios.recipes.common import (
+    Run,
+    adam_params,
+    checkpoint_if_due,
+    due,
+    open_run,
+    submit,
+    summed,
+)
 from bios.recipes.config import TrainConfig, option
 from bios.recipes.data import SFTExample, load_sft
 from bios.recipes.settings import resolve_sft
@@ -58,10 +68,9 @@ def build_data(
     return data, len(examples) - len(data)
 
 
-def evaluate(training: TrainingClient, data: list[Datum], batch_size: int) -> float:
+def evaluate(run: Run, data: list[Datum]) -> float:
     """Negative log-likelihood per weighted token of `data` (no gradient)."""
-    futures = [training.forward(chunk, "cross_entropy") for chunk in chunks(data, batch_size)]
-    loss = sum(f.result().metrics["loss:sum"] for f in futures)
+    loss = summed(submit(run, data, "cross_entropy", backward=False), "loss:sum")
     return loss / sum(sum(d.loss_fn_inputs["weights"].data) for d in data)
 
 
@@ -84,23 +93,23 @@ def run(config: SFTConfig, service: ServiceClient | None = None) -> Path:
         tracker.note(f"skipped {dropped} examples with nothing to learn within max_length")
     try:
         if run_.start_step == 0 and eval_set:
-            tracker.log(0, {"eval_loss": evaluate(training, eval_set, config.batch_size)})
+            tracker.log(0, {"eval_loss": evaluate(run_, eval_set)})
         for step in range(run_.start_step, config.steps):
             indices = batch_indices(len(data), config.batch_size, step, config.seed)
             batch = [data[i] for i in indices]
             adam = adam_params(config, step)
             # Submitted back to back: the engine runs them in this order.
-            backward = training.forward_backward(batch, "cross_entropy")
+            parts = submit(run_, batch, "cross_entropy")
             update = training.optim_step(adam)
             weight = sum(sum(d.loss_fn_inputs["weights"].data) for d in batch)
             metrics = {
-                "train_loss": backward.result().metrics["loss:sum"] / weight,
+                "train_loss": summed(parts, "loss:sum") / weight,
                 "learning_rate": adam.learning_rate,
                 "grad_norm": update.result().metrics["grad_norm"],
                 "epoch": epochs_done(len(data), config.batch_size, step + 1),
             }
             if eval_set and (due(config.eval_every, step + 1) or step + 1 == config.steps):
-                metrics["eval_loss"] = evaluate(training, eval_set, config.batch_size)
+                metrics["eval_loss"] = evaluate(run_, eval_set)
             tracker.log(step + 1, metrics, tokens=sum(d.model_input.length for d in batch))
             checkpoint_if_due(run_, step + 1)
     finally:

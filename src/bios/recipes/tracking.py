@@ -64,6 +64,24 @@ class Tracker:
         self.progress.close()
 
 
+MISSING = {
+    "tensorboard": "tensorboard logging needs the tensorboard package: "
+    "pip install 'bios[tensorboard]' (or pip install tensorboard)",
+    "wandb": "wandb logging needs the wandb package: pip install 'bios[wandb]' (or pip install "
+    "wandb); runs are logged offline, and `wandb sync` uploads them",
+}
+
+
+def require_packages(tensorboard: bool, wandb: bool) -> None:
+    """ImportError with what to install, before a run starts, if a requested logger's package is
+    missing."""
+    import importlib.util
+
+    for name, wanted in (("tensorboard", tensorboard), ("wandb", wandb)):
+        if wanted and importlib.util.find_spec(name) is None:
+            raise ImportError(MISSING[name])
+
+
 def open_sinks(
     folder: RunFolder, config: dict[str, Any], tensorboard: bool, wandb: bool
 ) -> list[Sink]:
@@ -71,13 +89,9 @@ def open_sinks(
     writers, when asked for. Each needs its package: a clear error says which to install."""
     sinks: list[Sink] = []
     if tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise RuntimeError(
-                "tensorboard logging needs the tensorboard package: "
-                "pip install 'bios[tensorboard]' (or pip install tensorboard)"
-            ) from None
+        require_packages(tensorboard=True, wandb=False)
+        from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(log_dir=str(folder.path / "tensorboard"))
 
         def to_tensorboard(step: int, values: dict[str, float]) -> None:
@@ -88,13 +102,9 @@ def open_sinks(
 
         sinks.append(to_tensorboard)
     if wandb:
-        try:
-            import wandb as wandb_module
-        except ImportError:
-            raise RuntimeError(
-                "wandb logging needs the wandb package: pip install 'bios[wandb]' "
-                "(or pip install wandb); runs are logged offline, `wandb sync` uploads them"
-            ) from None
+        require_packages(tensorboard=False, wandb=True)
+        import wandb as wandb_module
+
         run = wandb_module.init(
             mode="offline",
             dir=str(folder.path),

@@ -30,11 +30,43 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from bios.launch import exec_command, strip_distributed_flags, torchrun_command, wants_launch
+
+    if wants_launch(args):
+        # Start every rank under torchrun; rank 0 serves, the others follow it (bios.distributed).
+        if args.nnodes > 1 and args.node_rank is None:
+            print(
+                "bios serve: --nnodes > 1 needs --node-rank (0 on the serving machine)",
+                file=sys.stderr,
+            )
+            return 2
+        own_args = sys.argv[sys.argv.index("serve") + 1 :]
+        target = ["-m", "bios.cli", "serve", *strip_distributed_flags(own_args)]
+        try:
+            command = torchrun_command(
+                args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.node_rank, target
+            )
+        except ValueError as error:
+            print(f"bios serve: {error}", file=sys.stderr)
+            return 2
+        return exec_command(command)
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from bios.distributed import Group, env_world_size, follow, leader_engine
     from bios.server.app import create_app
     from bios.server.state import ServerConfig, ServerState
 
+    engine = None
+    if env_world_size() > 1:
+        group = Group()
+        if not group.is_leader:
+            return follow(group)  # rank 0 serves; this rank runs its commands until it stops
+        engine = leader_engine(group, home=_home(args))
+        print(f"bios serve: rank 0 of {group.world} ({group.backend})")
     auth = args.auth if args.auth is not None else not is_loopback(args.host)
     config = ServerConfig(
         home=_home(args),
@@ -45,12 +77,16 @@ def serve(args: argparse.Namespace) -> int:
         max_checkpoint_bytes_per_tenant=int(args.max_checkpoint_gib * 2**30),
         max_body_bytes=int(args.max_body_mib * 2**20),
     )
-    state = ServerState(config)
+    state = ServerState(config, engine=engine)
     print(f"bios serve: loading {', '.join(args.model) or 'no model yet'} (home {config.home})")
     state.preload()
     keys_needed = "required" if auth else "not required"
     print(f"bios serve: listening on http://{args.host}:{args.port}, API keys {keys_needed}")
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if engine is not None:
+            engine.shutdown()  # the other ranks leave their loop
     return 0
 
 
@@ -115,6 +151,9 @@ def add_commands(commands) -> None:
         action="store_true",
         help="do not keep a forward's graph for the backward after it (for comparisons)",
     )
+    from bios.launch import add_distributed_flags
+
+    add_distributed_flags(serve_parser)  # --nproc-per-node N [--nnodes K --rdzv-endpoint H:P]
     serve_parser.set_defaults(run=serve)
 
     keys_parser = commands.add_parser("keys", help="create, revoke or list the server's API keys")

@@ -1,0 +1,188 @@
+"""Sampling throughput: Bios's sampler against `transformers` `generate`, on the default model.
+
+What is measured: generated tokens per second on SmolLM2-135M-Instruct (float32, CPU) for
+(a) 1 prompt, 1 sample, 128 new tokens and (b) 1 prompt, 16 samples, 128 new tokens; plain
+sampling at temperature 1 (no top-k, no top-p) on both sides.
+
+  bios      `ServiceClient().create_sampling_client(base_model=...)`, then
+            `sample(prompt, n, SamplingParams(max_tokens=128, seed=...)).result()`.
+  baseline  `AutoModelForCausalLM.from_pretrained(...)` (its own copy of the same weights), then
+            `generate(..., do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            num_return_sequences=n, max_new_tokens=128, min_new_tokens=128)`.
+
+Both sides produce exactly 128 tokens per sequence: the baseline through `min_new_tokens` (it
+masks EOS out), Bios by clearing its snapshot's EOS set for the benchmark (a private attribute;
+the public API always stops at EOS). The script checks every sequence's length.
+
+How: one process, both models loaded, same thread count; each case is warmed up once per side,
+then timed `--repeats` times with the sides alternating (so background load hits both alike);
+the median run is reported. Wall time covers the whole call, prompt prefill included.
+
+Left out on purpose: LoRA snapshots (the hooks add a few percent; see tests for correctness),
+stop strings, top-k/top-p, and the HTTP transport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+NEW_TOKENS = 128
+CASES = {"a": 1, "b": 16}  # case -> samples of the one prompt
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+SIDES = ("bios", "transformers")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case and side")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    return parser.parse_args()
+
+
+def build_sides() -> tuple[list[int], dict[str, Callable[[int, int], list[list[int]]]]]:
+    """The prompt's tokens, and per side a function (samples, seed) -> generated sequences."""
+    from transformers import AutoModelForCausalLM
+
+    import bios
+    from bios.data.chat import render_prompt
+    from bios.models.loading import DEFAULT_MODEL, resolve_model_path
+    from bios.types import ModelInput, SamplingParams
+
+    sampler = bios.ServiceClient().create_sampling_client(base_model=DEFAULT_MODEL)
+    sampler._session.eos_ids = ()  # benchmark only: no EOS, so every sequence has 128 tokens
+    tokenizer = sampler.get_tokenizer()
+    prompt = render_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
+
+    def run_bios(samples: int, seed: int) -> list[list[int]]:
+        params = SamplingParams(max_tokens=NEW_TOKENS, seed=seed)
+        response = sampler.sample(ModelInput.from_ints(prompt), samples, params).result()
+        return [sequence.tokens for sequence in response.sequences]
+
+    path = resolve_model_path(DEFAULT_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    input_ids = torch.tensor([prompt])
+
+    def run_transformers(samples: int, seed: int) -> list[list[int]]:
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=samples,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        return output[:, len(prompt) :].tolist()
+
+    return prompt, {"bios": run_bios, "transformers": run_transformers}
+
+
+def measure(run: Callable[[int, int], list[list[int]]], samples: int, seed: int) -> float:
+    """Generated tokens per second of one call (checks every sequence is full length)."""
+    start = time.perf_counter()
+    sequences = run(samples, seed)
+    seconds = time.perf_counter() - start
+    lengths = {len(s) for s in sequences}
+    assert len(sequences) == samples and lengths == {NEW_TOKENS}, (len(sequences), lengths)
+    return samples * NEW_TOKENS / seconds
+
+
+def machine_info(threads: int) -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def print_report(machine: dict, prompt_tokens: int, results: dict, repeats: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), transformers {machine['transformers']}, "
+        f"Python {machine['python']}"
+    )
+    title = (
+        f"Sampling, SmolLM2-135M fp32, prompt {prompt_tokens} tokens, {NEW_TOKENS} new tokens "
+        f"per sample, median of {repeats}"
+    )
+    table = Table(title=title)
+    for column in ("case", "samples", "bios tok/s", "transformers tok/s", "bios/transformers"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    for case, samples in CASES.items():
+        r = results[case]
+        table.add_row(
+            case,
+            str(samples),
+            f"{r['bios']:.1f}",
+            f"{r['transformers']:.1f}",
+            f"{r['ratio']:.2f}x",
+            style="bold",
+        )
+    console.print(table)
+    console.print("Targets: (a) >= 1.0x, (b) >= 1.5x. Runs (tok/s) per side are in --json.")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    prompt, sides = build_sides()
+    results: dict[str, dict] = {}
+    for case, samples in CASES.items():
+        runs: dict[str, list[float]] = {side: [] for side in SIDES}
+        for side in SIDES:
+            measure(sides[side], samples, seed=1000)  # warm-up
+        for repeat in range(args.repeats):
+            order = SIDES if repeat % 2 == 0 else SIDES[::-1]
+            for side in order:
+                runs[side].append(measure(sides[side], samples, seed=repeat))
+        medians = {side: statistics.median(runs[side]) for side in SIDES}
+        results[case] = {
+            **medians,
+            "ratio": medians["bios"] / medians["transformers"],
+            "runs": runs,
+        }
+    machine = machine_info(args.threads)
+    print_report(machine, len(prompt), results, args.repeats)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
