@@ -102,7 +102,7 @@ class TrainingRun:
         if self.full_model is not None:
             self.full_model.requires_grad_(True)
         self.parameters = self._trainable()
-        self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=0.0, foreach=True)
+        self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=0.0, fused=True)
         self.steps = 0
         self.weights_version = 0  # changes whenever the weights do; a kept graph must match it
         self.kept: KeptForward | None = None
