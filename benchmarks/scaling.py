@@ -23,8 +23,9 @@ one), while CPU seconds per step measure the work a step costs and are much stea
 extra CPU of 2 ranks over 1 is the cost of distributing (communication, duplicated work).
 OMP_WAIT_POLICY=PASSIVE, as in train_throughput.py.
 
-Printed: a table of tokens/s, seconds/step and CPU seconds/step (medians) per configuration,
-and the ratios 2 ranks / 1 rank at 2 threads and at 1 thread. The first step's loss of every
+Printed: a table of tokens/s, seconds/step and CPU seconds/step (medians) and the largest peak
+resident memory of one rank per configuration, and the ratios 2 ranks / 1 rank at 2 threads and
+at 1 thread. The first step's loss of every
 configuration is printed too: it must be the same (the same weights, the same batch).
 
 Left out on purpose: several machines (the loopback numbers bound what a network gives), GPUs,
@@ -102,6 +103,7 @@ def child(args: argparse.Namespace) -> None:
             cpu.append(_own_cpu() - used)
             job_cpu.append(_job_cpu() - job)
     result = {"seconds": seconds, "cpu": cpu, "job_cpu": job_cpu, "loss": losses[0]}
+    result["peak_mib"] = _peak_rss_mib()
     Path(args.child).write_text(json.dumps(result))
 
 
@@ -110,16 +112,33 @@ def _own_cpu() -> float:
     return used.ru_utime + used.ru_stime
 
 
+def _ranks() -> list[str]:
+    """The pids of this job's ranks on this machine: under torchrun, this process's parent's
+    children (Linux /proc)."""
+    parent = os.getppid()
+    return Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+
+
+def _peak_rss_mib() -> float:
+    """The largest peak resident memory of one rank (VmHWM), MiB."""
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peaks = []
+    for pid in _ranks():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks)
+
+
 def _job_cpu() -> float:
     """CPU seconds of every rank of this job on this machine (Linux /proc): under torchrun the
     ranks are the children of this process's parent; in one process, this process."""
     if "LOCAL_WORLD_SIZE" not in os.environ:
         return _own_cpu()
-    parent = os.getppid()
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for pid in children:
+    for pid in _ranks():
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     return total
@@ -148,6 +167,7 @@ def run_config(args: argparse.Namespace, ranks: int, threads: int) -> dict:
         "cpu_s_per_step": statistics.median(result["cpu"]),
         "job_cpu_s_per_step": statistics.median(result["job_cpu"]),
         "loss": result["loss"],
+        "peak_mib": result["peak_mib"],
     }
 
 
@@ -161,13 +181,16 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     rows = [run_config(args, ranks, threads) for ranks, threads in CONFIGS]
     print(f"load average after:  {os.getloadavg()}\n")
-    print("| ranks x threads | tokens/s | s/step | CPU s/step, all ranks | rank 0 | first loss |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| ranks x threads | tokens/s | s/step | CPU s/step, all ranks | rank 0 "
+        "| peak RSS per rank, MiB | first loss |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['ranks']} x {row['threads']} | {row['tokens_per_s']:.0f} | "
             f"{row['s_per_step']:.2f} | {row['job_cpu_s_per_step']:.2f} | "
-            f"{row['cpu_s_per_step']:.2f} | {row['loss']:.4f} |"
+            f"{row['cpu_s_per_step']:.2f} | {row['peak_mib']:.0f} | {row['loss']:.4f} |"
         )
     by = {(r["ranks"], r["threads"]): r["tokens_per_s"] for r in rows}
     print(f"\n2 ranks x 1 thread / 1 rank x 2 threads: {by[(2, 1)] / by[(1, 2)]:.2f}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bios.client.service import ServiceClient
+from bios.errors import InvalidInputError
 from bios.types import AdamParams, Datum, ModelInput, SamplingParams
 
 # A realistic fine-tuning step size: with much larger ones (1e-2), Adam's normalisation turns the
@@ -54,6 +55,21 @@ def coupled_loss(data, logprobs):
     return -(sums.softmax(0) * sums).sum(), {"spread:mean": float(sums.detach().std())}
 
 
+def rejected_custom_loss(service: ServiceClient, client) -> dict:
+    """A custom loss that returns NaN is rejected (rank 0 tells the other ranks before anyone
+    runs a backward pass): the error names it, and no rank's state changed."""
+    run = service._engine.run(client.model_id)
+    before = run.fingerprint()
+    try:
+        client.forward_backward_custom(
+            BATCH, lambda data, lp: (lp[0].sum() * float("nan"), {})
+        ).result()
+        message = None
+    except InvalidInputError as error:
+        message = str(error)
+    return {"message": message, "unchanged": run.fingerprint() == before}
+
+
 def train(client, steps: int = 3) -> list[dict]:
     record = []
     for _ in range(steps):
@@ -73,6 +89,7 @@ def scenario(service: ServiceClient, model: str) -> dict:
     out["dpo"] = _fb(lora.forward(PAIRS, "dpo").result())  # the base model as the reference
     combined = [("cross_entropy", 1.0), ("kl", 0.1)]
     out["combined"] = _fb(lora.forward_backward(BATCH, combined).result())
+    out["rejected"] = rejected_custom_loss(service, lora)
     out["custom"] = _fb(lora.forward_backward_custom(BATCH, coupled_loss).result())
     out["after_custom"] = lora.optim_step(ADAM).result().metrics["grad_norm"]
     # A saved adapter as the reference: sent to every rank once.
@@ -107,6 +124,21 @@ def _samples(response) -> dict:
         "sequences": [(s.tokens, s.logprobs) for s in response.sequences],
         "prompt_logprobs": response.prompt_logprobs,
     }
+
+
+def train_in_shares(service: ServiceClient, model: str) -> dict:
+    """One process doing what 2 ranks do: the two shares of BATCH (data[:3], data[3:]; see
+    `bios.distributed.step.split_ranges`) accumulated, then the step; the saved paths."""
+    paths = {}
+    lora = service.create_lora_training_client(model, rank=8, seed=3)
+    full = service.create_full_training_client(model)
+    for kind, client in (("lora", lora), ("full", full)):
+        for _ in range(3):
+            client.forward_backward(BATCH[:3], "cross_entropy")
+            client.forward_backward(BATCH[3:], "cross_entropy")
+            client.optim_step(ADAM).result()
+        paths[kind] = client.save_state(f"{kind}-shares").result().path
+    return paths
 
 
 def continue_from(service: ServiceClient, lora_path: str, full_path: str) -> dict:

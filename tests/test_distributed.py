@@ -28,7 +28,7 @@ from bios.engine.engine import Engine
 from bios.engine.sampler import SampleRequest, SampleSettings
 from bios.launch import strip_distributed_flags, torchrun_command
 from bios.types import ModelInput, SamplingParams
-from distributed_scenario import continue_from, scenario, train
+from distributed_scenario import continue_from, scenario, train, train_in_shares
 from server_process import ServerProcess, free_port
 
 HERE = Path(__file__).parent
@@ -97,6 +97,7 @@ def both(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
         theirs = two["scenario"]
         ours_continued = continue_from(service, theirs["lora_path"], theirs["full_path"])
         own_continued = continue_from(service, one["lora_path"], one["full_path"])
+        one["shares"] = train_in_shares(service, model)
     finally:
         torch.set_num_threads(2)
     return home, one, two, ours_continued, own_continued
@@ -115,6 +116,34 @@ def test_weights_after_three_steps_equal(both, kind):
     """The checkpoints (gathered on rank 0 for FSDP2) hold the same weights and moments."""
     home, one, two, _, _ = both
     _assert_same_files(home, one[f"{kind}_path"], two["scenario"][f"{kind}_path"])
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_two_ranks_are_one_process_accumulating_their_shares(both, kind):
+    """The weights and moments after 3 steps on 2 ranks are those of one process accumulating
+    the same two shares: bit for bit for LoRA; for FSDP2 up to the rounding of the gradient norm
+    (summed shard by shard) that clipping scales by. What remains against the whole batch at
+    once (above, 1e-5) is float rounding of differently shaped products, not distribution."""
+    home, one, two, _, _ = both
+    ours = _folder(home, one["shares"][kind])
+    theirs = _folder(home, two["scenario"][f"{kind}_path"])
+    for file in sorted(p.name for p in ours.glob("*.safetensors")):
+        a, b = load_file(ours / file), load_file(theirs / file)
+        assert a.keys() == b.keys()
+        for key in a:
+            if kind == "lora":
+                assert torch.equal(a[key], b[key]), key
+            else:
+                torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_a_rejected_custom_loss_changes_nothing_on_any_rank(both):
+    """Rank 0 rejects a NaN loss and tells the other ranks before any backward pass: the same
+    error as one process, every rank's state unchanged, and the job goes on (the rest of the
+    scenario runs after it)."""
+    _, one, two, _, _ = both
+    assert two["scenario"]["rejected"] == one["rejected"]
+    assert "non-finite" in one["rejected"]["message"] and one["rejected"]["unchanged"]
 
 
 def test_lora_replicas_stay_identical(both):

@@ -399,6 +399,27 @@ def test_concurrent_requests_are_batched_and_equal_one_at_a_time(
         np.testing.assert_allclose(one.prompt_logprobs[1:], batched.prompt_logprobs[1:], atol=1e-6)
 
 
+def test_prepacked_weights_change_nothing(tiny_models, service: ServiceClient, monkeypatch):
+    """Batches of MIN_ROWS or more decode with prepacked linear weights (and the LoRA hooks still
+    apply on top): the same tokens as the plain `F.linear` path, logprobs to fp32 rounding."""
+    import bios.engine.sampler as sampler_module
+    from bios.engine.packed import MIN_ROWS, PackedLinears
+
+    training = service.create_lora_training_client(tiny_models["qwen2"], rank=4, seed=2)
+    perturb(service._engine, training.model_id, seed=12)
+    sampler = training.save_weights_and_get_sampling_client()
+    with sampler._session.model() as model:
+        if PackedLinears.of(model) is None:
+            pytest.skip("no oneDNN on this machine: the plain path is the only one")
+    prompt, params = ModelInput.from_ints(PROMPTS[2]), SamplingParams(max_tokens=16, seed=8)
+    packed = sampler.sample(prompt, MIN_ROWS + 2, params).result()
+    monkeypatch.setattr(sampler_module, "MIN_ROWS", 10**9)
+    plain = sampler.sample(prompt, MIN_ROWS + 2, params).result()
+    assert [s.tokens for s in packed.sequences] == [s.tokens for s in plain.sequences]
+    for a, b in zip(packed.sequences, plain.sequences, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+
+
 def test_async_twins_and_session_lifetime(tiny_models, service: ServiceClient):
     folder = tiny_models["qwen3"]
 

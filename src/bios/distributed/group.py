@@ -10,12 +10,13 @@ Two groups over the same ranks:
 
 Every collective has a deadline (`BIOS_DIST_TIMEOUT` seconds, default 600). A rank that dies
 closes its sockets, and the other ranks' next collective fails at once ("Connection closed by
-peer"); a rank that hangs makes it fail at the deadline. The deadline must exceed the longest
-wait of one rank for another inside a request — the imbalance of a step's shares, or of a
-sampling batch whose rows on one rank run much longer than on another. Either way the failure is raised as a
-`DistributedError` that says which step failed and why, and the group is marked broken: the
-ranks can no longer be sure they are in step, so every later request fails with the same
-message instead of hanging. Restart the job to recover (runs resume from their checkpoints).
+peer"); a rank that hangs makes it fail at the deadline. (So the deadline must exceed the
+longest wait of one rank for another inside a request: the imbalance of a step's shares, or of
+a sampling batch whose rows on one rank run much longer than on another.) Either way the failure
+is raised as a `DistributedError` that says which step failed and why, and the group is marked
+broken: the ranks can no longer be sure they are in step, so every later request fails with the
+same message instead of hanging. Restart the job to recover (runs resume from their
+checkpoints).
 """
 
 from __future__ import annotations
@@ -88,15 +89,18 @@ class Group:
         except DistributedError:
             raise
         except Exception as error:  # gloo raises RuntimeError; the message says which peer
-            self.fail(f"{what}: {error}")
+            self.fail(
+                f"{what}: a rank died or stopped responding (deadline {self.timeout:g} s): "
+                f"{str(error).strip()}"
+            )
             raise DistributedError(self.broken) from error
 
     def fail(self, reason: str) -> None:
+        """Mark the group broken: every later request fails at once with this message."""
         if self.broken is None:
             self.broken = (
                 f"distributed training failed on rank {self.rank} of {self.world} during "
-                f"{reason.strip()} — a rank died or stopped responding (deadline "
-                f"{self.timeout:g} s); the ranks may be out of step, so this job takes no more "
+                f"{reason.strip()}. The ranks may be out of step, so this job takes no more "
                 "requests: restart it (runs resume from their saved checkpoints)"
             )
 

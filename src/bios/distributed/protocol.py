@@ -157,6 +157,7 @@ def stop_followers(replica: Replica) -> None:
         except DistributedError:
             pass
         group.broken = "the job has shut down"
+        group.close()
 
 
 @op("ping")
@@ -176,6 +177,7 @@ def follow(group: Group) -> int:
             for session_id in dropped:
                 replica.sessions.pop(session_id, None)
             if name == "stop":
+                group.close()
                 return 0
             shard = group.scatter(None, f"{name}: receiving this rank's share") if sharded else None
             OPS[name](replica, header, shard, None)

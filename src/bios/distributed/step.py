@@ -147,7 +147,8 @@ def distributed_step(
         if group.is_leader:
             assert evaluate is not None and gathered is not None
             try:
-                replies = [("ok", grads) for grads in evaluate(gathered)]
+                grads_per_rank = evaluate(gathered)
+                replies = [("ok", g if header.backward else None) for g in grads_per_rank]
             except BaseException as error:  # a user's loss: anything; no rank goes on
                 rejected = error
                 replies = [("rejected", None)] * group.world

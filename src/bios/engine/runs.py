@@ -178,6 +178,7 @@ class TrainingRun:
             logits = batch_logits(model, batch)
             logprobs = gather_logprobs(logits, batch)
             given = batch.split(logprobs if input_type == "logprobs" else logits[batch.mask])
+            del logits  # (B, T, vocab): not held through the user's function and the backward
             loss, metrics = checked_custom_result(loss_fn(list(data), given))
             loss.backward()
         return _output(batch, logprobs, loss, metrics)

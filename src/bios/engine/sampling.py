@@ -123,6 +123,9 @@ class SamplingSession:
         """The model with this session's weights in effect (worker thread only)."""
         if self._full_model is not None:
             yield self._full_model
+        elif self._adapter is None:
+            with self.worker.host.unhooked() as model:
+                yield model
         else:
             with self.worker.host.use(self._adapter) as model:
                 yield model
