@@ -328,7 +328,9 @@ def test_a_batch_sent_in_pieces_trains_as_one_request(llama, service, session_en
         a = load_file(whole / "adapter_model.safetensors")
         b = load_file(pieces / "adapter_model.safetensors")
         for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+            # Sums in another order differ in the last fp32 bits; Adam's m/√v turns that into up
+            # to ~1e-4 of a parameter after 3 steps at lr 1e-2 (a hundredth of one step).
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-4)
         for key in ("train_loss", "accuracy", "reward_margin"):
             torch.testing.assert_close(
                 series(metrics(folders[1]), key),

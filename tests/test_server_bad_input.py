@@ -193,7 +193,8 @@ def test_fuzzed_json_routes_never_get_5xx(target):
         operations += 1
 
         @settings(
-            max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+            max_examples=12,
+            derandomize=True,  # the same requests every run: CI must not flake deadline=None, database=None, suppress_health_check=list(HealthCheck)
         )
         @given(case=operation.as_strategy())
         def check(case) -> None:

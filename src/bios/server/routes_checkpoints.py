@@ -26,6 +26,7 @@ from bios.server.auth import Tenant
 from bios.server.state import ServerState
 
 URL_LIFETIME_SECONDS = 3600
+MAX_OFFSET = 2**31  # SQLite integers are 64-bit; any real listing is far shorter
 _CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
 
 
@@ -43,6 +44,13 @@ def _checkpoint_json(row: dict) -> dict:
         "size_bytes": row["size_bytes"],
         "public": False,
     }
+
+
+def check_page(limit: int, offset: int) -> None:
+    if not 1 <= limit <= 1000 or not 0 <= offset <= MAX_OFFSET:
+        raise InvalidInputError(
+            "limit", f"expected 1 <= limit <= 1000 and 0 <= offset <= {MAX_OFFSET}"
+        )
 
 
 def _archive(folder: Path) -> bytes:
@@ -101,8 +109,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/training_runs")
     def training_runs(tenant: Tenant, limit: int = 20, offset: int = 0) -> dict:
-        if not 1 <= limit <= 1000 or offset < 0:
-            raise InvalidInputError("limit", "expected 1 <= limit <= 1000 and offset >= 0")
+        check_page(limit, offset)
         rows, total = state.store.runs(tenant, limit, offset)
         return {
             "training_runs": [run_json(row, tenant) for row in rows],
@@ -122,6 +129,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/checkpoints")
     def user_checkpoints(tenant: Tenant, limit: int = 100, offset: int = 0) -> dict:
+        check_page(limit, offset)
         rows = state.store.checkpoints(tenant)
         page = rows[offset : offset + limit]
         return {
