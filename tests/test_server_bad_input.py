@@ -194,7 +194,10 @@ def test_fuzzed_json_routes_never_get_5xx(target):
 
         @settings(
             max_examples=12,
-            derandomize=True,  # the same requests every run: CI must not flake deadline=None, database=None, suppress_health_check=list(HealthCheck)
+            derandomize=True,  # the same requests every run: CI must not flake
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
         )
         @given(case=operation.as_strategy())
         def check(case) -> None:
