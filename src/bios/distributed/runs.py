@@ -126,20 +126,7 @@ class ShardedFullRun(TrainingRun):
             coefficient = torch.clamp(params.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
             for grad in grads:
                 grad.mul_(coefficient.item())
-        for group in self.optimizer.param_groups:
-            group.update(
-                lr=params.learning_rate,
-                betas=(params.beta1, params.beta2),
-                eps=params.eps,
-                weight_decay=params.weight_decay,
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        self.weights_version += 1
-        return OptimStepResponse(
-            metrics={"grad_norm": float(grad_norm), "learning_rate": params.learning_rate}
-        )
+        return self.adam_update(params, grad_norm)
 
     def fingerprint(self) -> str:
         """A hash of this rank's shards (the job's fingerprint combines every rank's)."""

@@ -202,6 +202,10 @@ class TrainingRun:
             torch.nn.utils.clip_grads_with_norm_(
                 self.parameters.values(), params.grad_clip_norm, grad_norm
             )
+        return self.adam_update(params, grad_norm)
+
+    def adam_update(self, params: AdamParams, grad_norm: torch.Tensor) -> OptimStepResponse:
+        """The AdamW step itself, on gradients already measured (and clipped); clears them."""
         for group in self.optimizer.param_groups:
             group.update(
                 lr=params.learning_rate,
