@@ -30,6 +30,7 @@ import torch
 
 import bios
 from bios.models.loading import DEFAULT_MODEL
+from bios.objectives.custom import linearised
 from bios.types import Datum, ModelInput
 
 
@@ -63,17 +64,7 @@ def two_pass(training: bios.TrainingClient, data: list[Datum]) -> None:
     ]
     loss, _ = custom_cross_entropy(data, logprobs)
     loss.backward()
-    linear = [
-        Datum(
-            model_input=d.model_input,
-            loss_fn_inputs={
-                "target_tokens": d.loss_fn_inputs["target_tokens"],
-                "weights": -lp.grad,
-            },
-        )
-        for d, lp in zip(data, logprobs, strict=True)
-    ]
-    training.forward_backward(linear, "cross_entropy").result()
+    training.forward_backward(linearised(data, logprobs), "cross_entropy").result()
 
 
 def main() -> None:

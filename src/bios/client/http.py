@@ -23,6 +23,7 @@ from bios.client.futures import then
 from bios.engine.checkpoints import CheckpointPath
 from bios.engine.runs import checked_custom_result
 from bios.errors import BiosError, InvalidInputError, NotFoundError
+from bios.objectives.custom import linearised
 from bios.types import (
     AdamParams,
     Datum,
@@ -212,17 +213,9 @@ class HttpTransport:
             ]
             loss, metrics = checked_custom_result(loss_fn(list(data), logprobs))
             loss.backward()
-            linear = [
-                Datum(
-                    model_input=d.model_input,
-                    loss_fn_inputs={
-                        "target_tokens": d.loss_fn_inputs["target_tokens"],
-                        "weights": -lp.grad,
-                    },
-                )
-                for d, lp in zip(data, logprobs, strict=True)
-            ]
-            backward = self.forward_backward(run_id, linear, "cross_entropy").result()
+            backward = self.forward_backward(
+                run_id, linearised(data, logprobs), "cross_entropy"
+            ).result()
             backward.metrics.update(metrics)
             backward.metrics["loss:sum"] = float(loss.detach())
             out.set_result(backward)
