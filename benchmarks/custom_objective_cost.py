@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from machine import cpu_name
 
 import bios
 from bios.models.loading import DEFAULT_MODEL
@@ -95,10 +95,7 @@ def main() -> None:
             if repeat > 0:  # the first round is a warm-up
                 times[name].append(elapsed)
 
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     print(
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"

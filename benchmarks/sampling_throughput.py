@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+from machine import cpu_name
 
 NEW_TOKENS = 128
 CASES = {"a": 1, "b": 16}  # case -> samples of the one prompt
@@ -119,14 +120,7 @@ def measure(
 
 
 def machine_info(threads: int) -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown",
-    )
+    cpu = cpu_name()
     import transformers
 
     return {

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -51,6 +50,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from machine import cpu_name
 
 CONFIGS = ((1, 2), (1, 1), (2, 1))  # (ranks, threads per rank)
 
@@ -176,7 +177,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.model}")
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs, {args.model}")
     print(f"{args.kind}: {args.batch} x {args.seq_len} tokens per step (all ranks together)")
     print(f"load average before: {os.getloadavg()}")
     rows = [run_config(args, ranks, threads) for ranks, threads in CONFIGS]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import numpy as np
 import tinker
 import torch
+from machine import cpu_name
 from tinker import types
 
 from bios.hparams import lora_param_count
@@ -134,10 +134,7 @@ def main() -> None:
             finally:
                 server.stop()
 
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(
         f"SDK tinker {tinker.__version__ if hasattr(tinker, '__version__') else '?'}, "

@@ -63,6 +63,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+from machine import cpu_name
 
 SIDES = ("bios", "baseline")
 BATCH, SEQ_LEN, RANK, ALPHA = 8, 256, 32, 32
@@ -273,14 +274,7 @@ def summarise(record: dict, steps: list[dict], warmup: int) -> dict:
 
 
 def machine_info(threads: int) -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown",
-    )
+    cpu = cpu_name()
     import peft
     import transformers
 
