@@ -399,18 +399,23 @@ def test_concurrent_requests_are_batched_and_equal_one_at_a_time(
         np.testing.assert_allclose(one.prompt_logprobs[1:], batched.prompt_logprobs[1:], atol=1e-6)
 
 
-def test_prepacked_weights_change_nothing(tiny_models, service: ServiceClient, monkeypatch):
-    """Batches of MIN_ROWS or more decode with prepacked linear weights (and the LoRA hooks still
-    apply on top): the same tokens as the plain `F.linear` path, logprobs to fp32 rounding."""
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_prepacked_weights_change_nothing(family, tiny_models, service: ServiceClient, monkeypatch):
+    """Batches of MIN_ROWS or more decode with prepacked linear weights, q/k/v and gate/up fused
+    (and the LoRA hooks still apply to each projection): the same tokens as the plain `F.linear`
+    path, logprobs to fp32 rounding. Qwen2 has q/k/v biases, Qwen3 normalises q and k."""
     import bios.engine.sampler as sampler_module
     from bios.engine.packed import MIN_ROWS, PackedLinears
 
-    training = service.create_lora_training_client(tiny_models["qwen2"], rank=4, seed=2)
+    training = service.create_lora_training_client(tiny_models[family], rank=4, seed=2)
     perturb(service._engine, training.model_id, seed=12)
     sampler = training.save_weights_and_get_sampling_client()
     with sampler._session.model() as model:
-        if PackedLinears.of(model) is None:
+        packed_linears = PackedLinears.of(model)
+        if packed_linears is None:
             pytest.skip("no oneDNN on this machine: the plain path is the only one")
+        layers = model.config.num_hidden_layers
+        assert len(packed_linears._groups) == 2 * layers  # q/k/v and gate/up of every layer
     prompt, params = ModelInput.from_ints(PROMPTS[2]), SamplingParams(max_tokens=16, seed=8)
     packed = sampler.sample(prompt, MIN_ROWS + 2, params).result()
     monkeypatch.setattr(sampler_module, "MIN_ROWS", 10**9)
@@ -543,3 +548,55 @@ def test_bad_sampling_clients_and_logprob_requests(service: ServiceClient, llama
         sampler.compute_logprobs(ModelInput.empty())
     with pytest.raises(InvalidInputError, match=r"^prompt: token id 500"):
         sampler.compute_logprobs(ModelInput.from_ints([3, 500]))
+
+
+# ---- the inverse CDF -----------------------------------------------------------------------------
+
+
+def test_inverse_cdf_equals_one_running_sum():
+    """The two-level search picks the token a single float64 running sum (numpy) picks, on rows
+    with zeros (truncated sampling), widths that are not a multiple of the block, and u near 1."""
+    from bios.engine.sampler import CDF_BLOCK, inverse_cdf
+
+    generator = torch.Generator().manual_seed(0)
+    for width in (7, CDF_BLOCK, 3 * CDF_BLOCK + 41, 49_152):
+        logits = torch.randn(64, width, generator=generator) * 4
+        logits[:32] = logits[:32].masked_fill(
+            torch.rand(32, width, generator=generator) < 0.7, -1e9
+        )
+        probs = logits.softmax(dim=-1)
+        uniforms = torch.rand(64, generator=generator, dtype=torch.float64)
+        uniforms[-4:] = torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0))
+        chosen = inverse_cdf(probs, uniforms)
+        cdf = np.cumsum(probs.double().numpy(), axis=-1)
+        for row in range(64):
+            target = uniforms[row].item() * cdf[row, -1]
+            expected = int(np.searchsorted(cdf[row], target, side="right"))
+            expected = min(expected, int(np.flatnonzero(probs[row] > 0)[-1]))
+            assert chosen[row].item() == expected, (width, row)
+            assert probs[row, chosen[row]] > 0
+
+
+def test_fused_projections_fall_back_when_not_called_as_siblings():
+    """A sibling projection called with another input than the group's first computes alone."""
+    from bios.engine.packed import PackedLinears
+
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    block.q_proj, block.k_proj, block.v_proj = (torch.nn.Linear(8, n) for n in (8, 4, 4))
+    block.o_proj = torch.nn.Linear(8, 8)
+    packed = PackedLinears.of(block)
+    if packed is None:
+        pytest.skip("no oneDNN on this machine")
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    expected = [layer(x) for layer in (block.q_proj, block.k_proj, block.v_proj)]
+    with torch.no_grad(), packed.installed():
+        q, k_other = block.q_proj(x), block.k_proj(y)
+        v = block.v_proj(x)
+        k_alone = block.k_proj(x)  # the group is done: computes alone
+    torch.testing.assert_close(q, expected[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        k_other, torch.nn.functional.linear(y, block.k_proj.weight, block.k_proj.bias)
+    )
+    torch.testing.assert_close(v, expected[2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(k_alone, expected[1], rtol=0, atol=1e-5)

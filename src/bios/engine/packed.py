@@ -11,9 +11,16 @@ fine-tuning snapshot), made on first use and shared by every sampler on it; neve
 snapshot. Set `BIOS_PACKED_DECODE=0` to turn it off. Numerics: another summation order, so
 logits differ from `F.linear`'s by float32 rounding, as any change of batch shape does.
 
+Sibling projections of one input are fused into one GEMM: an attention block's q/k/v and an MLP's
+gate/up (`FUSED_GROUPS`). One larger multiplication streams the same weights with fewer calls:
+measured at 16 rows on SmolLM2-135M, 94 ms per decode step instead of 100 (the fused outputs equal
+the separate ones exactly, as oneDNN computes each output column alone). The first projection of
+a group computes all of them and keeps the others' outputs for their own calls; a sibling called
+with another input than the first's (a model that does not follow the pattern) computes alone.
+
 Installing replaces each `nn.Linear`'s `forward` on the instance for the duration of a decode;
-forward hooks (the LoRA adapters of `AdapterHost`) still run on the output. Only the model's
-worker thread runs the model, so nothing else sees the swap.
+forward hooks (the LoRA adapters of `AdapterHost`) still run on each projection's own output.
+Only the model's worker thread runs the model, so nothing else sees the swap.
 """
 
 from __future__ import annotations
@@ -40,8 +47,58 @@ def _forward(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _packable(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.Linear) and module.weight.dtype == torch.float32
+
+
+class _FusedGroup:
+    """Sibling projections of one input, multiplied together; each member returns its part."""
+
+    def __init__(self, members: list[nn.Linear]) -> None:
+        self.members = [weakref.ref(module) for module in members]
+        self.weight = pack(torch.cat([module.weight.detach() for module in members]), None)
+        has_bias = [module.bias is not None for module in members]
+        self.bias = None
+        if any(has_bias):
+            self.bias = torch.cat(
+                [
+                    module.bias.detach()
+                    if module.bias is not None
+                    else module.weight.new_zeros(module.out_features)
+                    for module in members
+                ]
+            )
+        self.sizes = [module.out_features for module in members]
+        self._input: torch.Tensor | None = None
+        self._outputs: list[torch.Tensor] = []
+
+    def forward(self, index: int, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if index == 0:
+            self._input = x
+            self._outputs = list(_forward(self.weight, self.bias, x).split(self.sizes, dim=-1))
+        elif x is not self._input:  # not called as siblings of one input: compute alone
+            return torch.nn.functional.linear(x, module.weight, module.bias)
+        output = self._outputs[index]
+        if index == len(self.sizes) - 1:
+            self._input, self._outputs = None, []
+        return output
+
+
+def _fused_groups(model: nn.Module) -> list[list[nn.Linear]]:
+    groups = []
+    for parent in model.modules():
+        for names in FUSED_GROUPS:
+            members = [getattr(parent, name, None) for name in names]
+            if all(_packable(m) for m in members) and len({m.in_features for m in members}) == 1:
+                groups.append(members)
+    return groups
+
+
 class PackedLinears:
-    """The packed weights of one model's `nn.Linear` layers."""
+    """The packed weights of one model's `nn.Linear` layers (sibling projections fused)."""
 
     _cache: ClassVar[weakref.WeakKeyDictionary[nn.Module, PackedLinears | None]] = (
         weakref.WeakKeyDictionary()
@@ -51,10 +108,12 @@ class PackedLinears:
     def __init__(self, model: nn.Module) -> None:
         # Weak references: the cache below is keyed weakly by the model, so nothing here may keep
         # the model (e.g. a dropped full fine-tuning snapshot) alive.
+        self._groups = [_FusedGroup(members) for members in _fused_groups(model)]
+        fused = {id(ref()) for group in self._groups for ref in group.members}
         self._layers = [
             (weakref.ref(module), pack(module.weight.detach(), None))
             for module in model.modules()
-            if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32
+            if _packable(module) and id(module) not in fused
         ]
 
     @classmethod
@@ -85,11 +144,18 @@ class PackedLinears:
     @contextmanager
     def installed(self) -> Iterator[None]:
         """The model's linear layers use the packed weights inside this block."""
-        modules = [(reference(), weight) for reference, weight in self._layers]
-        for module, weight in modules:
+        modules = []
+        for reference, weight in self._layers:
+            module = reference()
             module.forward = partial(_forward, weight, module.bias)
+            modules.append(module)
+        for group in self._groups:
+            for index, reference in enumerate(group.members):
+                module = reference()
+                module.forward = partial(group.forward, index, module)
+                modules.append(module)
         try:
             yield
         finally:
-            for module, _ in modules:
+            for module in modules:
                 del module.forward
