@@ -600,3 +600,21 @@ def test_fused_projections_fall_back_when_not_called_as_siblings():
     )
     torch.testing.assert_close(v, expected[2], rtol=0, atol=1e-5)
     torch.testing.assert_close(k_alone, expected[1], rtol=0, atol=1e-5)
+
+
+def test_fused_rms_norms_equal_the_model_classes():
+    """`rms_norm` in one call gives what the Llama / Qwen2 / Qwen3 RMSNorm forwards compute."""
+    from bios.engine.fused_norms import RMS_NORMS, fused_rms_norms
+
+    torch.manual_seed(0)
+    for norm_class in RMS_NORMS:
+        holder = torch.nn.Sequential(norm_class(24, eps=1e-5))
+        with torch.no_grad():
+            holder[0].weight.uniform_(0.5, 1.5)
+        x = torch.randn(4, 3, 24) * 3
+        expected = holder(x)
+        with fused_rms_norms(holder):
+            assert "forward" in vars(holder[0])  # swapped on the instance
+            fused = holder(x)
+        assert "forward" not in vars(holder[0])  # and restored
+        torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)

@@ -11,9 +11,10 @@ One call of `generate` decodes a batch of requests (each a prompt and `num_sampl
    positions are masked out, and every row has its own position ids, so padding changes nothing.
 3. Decode: one forward of the batch's newest tokens per step (the cache appends in place, see
    `bios.engine.kv_cache`; batches of a few rows or more use prepacked weights,
-   `bios.engine.packed`). Rows stop on a stop token (the tokenizer's end-of-sequence tokens
-   always count), a stop string or `max_tokens`; finished rows are dropped from the batch (and
-   cache) once they are a quarter of it.
+   `bios.engine.packed`; RMSNorm runs as one kernel, `bios.engine.fused_norms`). Rows stop on a
+   stop token (the tokenizer's end-of-sequence tokens always count), a stop string or
+   `max_tokens`; finished rows are dropped from the batch (and cache) once they are a quarter
+   of it.
 
 Token choice (`choose_tokens`) for logits z, temperature T, top-k k and top-p p:
 
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from bios.engine.fused_norms import fused_rms_norms
 from bios.engine.kv_cache import batch_cache
 from bios.engine.packed import MIN_ROWS, PackedLinears
 from bios.types import SampledSequence, SampleResponse, StopReason
@@ -127,7 +129,8 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """
     rows, columns = probs.shape
     padding = (-columns) % CDF_BLOCK
-    blocks = torch.nn.functional.pad(probs, (0, padding)).view(rows, -1, CDF_BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, padding)) if padding else probs  # pad copies
+    blocks = padded.view(rows, -1, CDF_BLOCK)
     block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)
     total = block_cdf[:, -1:]
     target = torch.minimum(
@@ -269,6 +272,7 @@ class _Decoder:
                     # Built only now: a batch whose rows all stop at once (max_tokens=1) needs none.
                     tokens = self._keep_alive(batch, tokens)
                     self._build_cache(batch, prefills)
+                    stack.enter_context(fused_rms_norms(self.model))
                     packed = PackedLinears.of(self.model) if len(tokens) >= MIN_ROWS else None
                     if packed is not None:
                         stack.enter_context(packed.installed())
