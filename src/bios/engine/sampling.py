@@ -72,6 +72,8 @@ class SamplingSession:
         full_model: nn.Module | None = None,
     ) -> None:
         self.session_id = uuid.uuid4().hex[:16]
+        # Its own worker lane: each sampler takes fair turns with each run and other samplers.
+        self.lane = f"sampling:{self.session_id}"
         self.worker = worker
         self.base_model = base_model
         self._adapter = adapter
@@ -147,7 +149,7 @@ class SamplingSession:
         future: Future[SampleResponse] = Future()
         with self._lock:
             self._pending.append((request, future))
-        self.worker.submit(self._drain)
+        self.worker.submit(self._drain, lane=self.lane)
         return future
 
     def compute_logprobs(self, prompt: ModelInput | Sequence[int]) -> Future[list[float | None]]:
@@ -158,7 +160,7 @@ class SamplingSession:
             with self.model() as model:
                 return prompt_logprobs(model, tokens)
 
-        return self.worker.submit(run)
+        return self.worker.submit(run, lane=self.lane)
 
     def _drain(self) -> None:
         """Decode the pending requests (up to `max_batch_rows` rows) as one batch."""
