@@ -3,8 +3,9 @@
 All work on one base model runs on the worker's single thread, which makes switching the active
 adapter of the shared model safe. Work is queued in lanes — one per run (a run's requests), one
 per sampling session, plus one for everything else (loading) — and the thread takes one item from
-each lane in turn. Within a lane, items run in submission order, which gives every client Tinker's ordering
-guarantee (a `forward_backward` and an `optim_step` submitted back to back run in that order).
+each lane in turn. Within a lane, items run in submission order, which gives every client
+Tinker's ordering guarantee (a `forward_backward` and an `optim_step` submitted back to back run
+in that order).
 Across lanes the turns are fair: a tenant that queues a hundred requests delays another tenant's
 next request by at most one of them, never by all hundred.
 """
