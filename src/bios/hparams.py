@@ -33,11 +33,13 @@ LR_EXPONENTS: dict[str, float] = {
     "llama": 0.781,
     "qwen2": 0.0775,
     "qwen3": 0.0775,
-    # PROVISIONAL: SmolLM2 has no published calibration. It is a Llama architecture, so it borrows
-    # the Llama exponent until an LR sweep on the default model replaces this value.
-    "smollm2": 0.781,
+    # Bios's own calibration: LR sweeps of SmolLM2-135M-Instruct LoRA SFT on two tasks, at the
+    # rank `bios sft` chooses for small data (benchmarks/lr_calibration.py; the tables are in
+    # docs/hparams.md). One model size.
+    "smollm2": 1.895,
 }
-PROVISIONAL_FAMILIES = frozenset({"smollm2"})
+# Families whose exponent is a stand-in, not a calibration: `recommend` says so in its reasons.
+PROVISIONAL_FAMILIES: frozenset[str] = frozenset()
 # A model of an unknown family whose hidden size is known: Llama-like architectures dominate.
 FALLBACK_EXPONENT = LR_EXPONENTS["llama"]
 REFERENCE_BATCH = 128
@@ -126,8 +128,8 @@ def get_lr(model: str | os.PathLike[str] | ModelSpec, lora: bool = True) -> floa
 
         LR = 5e-5 × (10 if lora else 1) × (2000 / hidden_size)^P
 
-    P = 0.781 for Llama, 0.0775 for Qwen (qwen2, qwen3), and a PROVISIONAL 0.781 for SmolLM2
-    (a Llama architecture; to be replaced by a sweep-calibrated value — see `LR_EXPONENTS`).
+    P = 0.781 for Llama, 0.0775 for Qwen (qwen2, qwen3), and 1.895 for SmolLM2 (Bios's LR
+    sweeps on SmolLM2-135M-Instruct, docs/hparams.md).
     The hidden size comes from the catalog, or from the model's local `config.json`.
     Never raises for an unknown model; it warns (`UncalibratedModelWarning`) and uses the Llama
     exponent when the hidden size is known, else 5e-4 (LoRA) / 5e-5 (full), the formula at the

@@ -45,10 +45,14 @@ def add(commands: argparse._SubParsersAction) -> None:
         parser.set_defaults(run=lambda args, n=name, m=module, c=config_class: run(args, n, m, c))
 
 
-def add_options(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """One option per config field, with its help text, choices and default."""
+def add_options(
+    parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()
+) -> None:
+    """One option per config field (except `skip`), with its help text, choices and default."""
     defaults = config_class()
     for name, (field, hint) in fields(config_class).items():
+        if name in skip:
+            continue
         flags = ["--" + name.replace("_", "-")] + (["--eval"] if name == "eval_data" else [])
         default = getattr(defaults, name)
         help_text = field.metadata.get("help", "")

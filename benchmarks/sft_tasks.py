@@ -1,0 +1,181 @@
+"""Deterministic synthetic SFT tasks in chat format, each with a held-out eval split (no hub).
+
+    facts     (task A) facts about invented countries: capital, founding year, national animal,
+              main export. Train asks each fact in three phrasings; eval asks a sample of the same
+              facts in a fourth phrasing never trained on, so the eval loss measures facts
+              learned, not question templates memorised.
+    reversal  (task B) reverse a comma-separated list of 3-6 common words. Eval lists never
+              occur in train, so the eval loss measures the skill, not memorised lists.
+    sums      (task C) add two two-digit numbers, answered as a sentence. Eval pairs never occur
+              in train; a 135M model does not master addition in a few dozen steps, so the eval
+              loss stays well above 0 and ratios between losses mean something.
+
+Every example has the same short system message: SmolLM2's template otherwise adds its 13-token
+default one, and on a CPU every token of a step costs time. The same seed gives the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SYSTEM = "Answer briefly."
+
+SYLLABLES = (
+    "vel tra qu or in zan mer kol thi bar sen dru pal ost ri var nek lum sa dor fen gri hal "
+    "mob tes ul yr cas pin".split()
+)
+ANIMALS = "otter heron lynx ibex falcon badger stag crane wolf hare owl bison".split()
+EXPORTS = "copper saffron amber timber salt wool tin indigo honey marble cork silk".split()
+# Per attribute: four question phrasings (the last one is eval-only) and the answer.
+FACT_TEMPLATES = {
+    "capital": (
+        (
+            "What is the capital of {e}?",
+            "Which city is the capital of {e}?",
+            "Name the capital city of {e}.",
+            "{e} has its seat of government in which city?",
+        ),
+        "The capital of {e} is {v}.",
+    ),
+    "founded": (
+        (
+            "When was {e} founded?",
+            "In what year was {e} founded?",
+            "What is the founding year of {e}?",
+            "Tell me the year {e} came into being.",
+        ),
+        "{e} was founded in {v}.",
+    ),
+    "animal": (
+        (
+            "What is the national animal of {e}?",
+            "Which animal is the emblem of {e}?",
+            "Name the national animal of {e}.",
+            "What creature symbolises {e}?",
+        ),
+        "The national animal of {e} is the {v}.",
+    ),
+    "export": (
+        (
+            "What is the main export of {e}?",
+            "What does {e} mostly export?",
+            "Name the chief export of {e}.",
+            "Which product does {e} sell abroad the most?",
+        ),
+        "The main export of {e} is {v}.",
+    ),
+}
+WORDS = (
+    "apple river stone cloud maple tiger lemon candle harbor pencil violin garden marble rocket "
+    "forest planet silver window basket copper dragon meadow pepper island lantern orange "
+    "thunder saddle bottle castle feather mirror button jacket ladder monkey needle pillow "
+    "rabbit shadow summer winter carpet circle dinner engine finger hammer kettle pocket"
+).split()
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    train: list[dict]
+    eval: list[dict]
+
+
+def chat(question: str, answer: str) -> dict:
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def invented_names(rng: random.Random, count: int, syllables: int) -> list[str]:
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def facts_task(seed: int = 0, entities: int = 20, eval_size: int = 32) -> Task:
+    """Task A: 4 facts per invented country; train 3 phrasings each, eval a 4th phrasing."""
+    rng = random.Random(f"facts-{seed}")
+    countries = invented_names(rng, entities, 3)
+    cities = invented_names(rng, entities + len(countries), 2)
+    cities = [c for c in cities if c not in countries][:entities]
+    facts = []
+    for country, city in zip(countries, cities, strict=True):
+        values = {
+            "capital": city,
+            "founded": str(rng.randrange(1100, 1900)),
+            "animal": rng.choice(ANIMALS),
+            "export": rng.choice(EXPORTS),
+        }
+        facts += [(country, attribute, value) for attribute, value in values.items()]
+    train = []
+    for country, attribute, value in facts:
+        questions, answer = FACT_TEMPLATES[attribute]
+        for question in questions[:-1]:
+            train.append(chat(question.format(e=country), answer.format(e=country, v=value)))
+    rng.shuffle(train)
+    held_out = []
+    for country, attribute, value in rng.sample(facts, min(eval_size, len(facts))):
+        questions, answer = FACT_TEMPLATES[attribute]
+        held_out.append(chat(questions[-1].format(e=country), answer.format(e=country, v=value)))
+    return Task("facts", train, held_out)
+
+
+def reversal_task(seed: int = 0, train_size: int = 240, eval_size: int = 32) -> Task:
+    """Task B: reverse a list of 3-6 words; eval lists never appear in train."""
+    rng = random.Random(f"reversal-{seed}")
+    seen: set[tuple[str, ...]] = set()
+    examples = []
+    while len(examples) < train_size + eval_size:
+        words = tuple(rng.sample(WORDS, rng.randint(3, 6)))
+        if words in seen:
+            continue
+        seen.add(words)
+        question = "Reverse the order of these words: " + ", ".join(words)
+        examples.append(chat(question, ", ".join(reversed(words))))
+    return Task("reversal", examples[:train_size], examples[train_size:])
+
+
+def sums_task(seed: int = 0, train_size: int = 240, eval_size: int = 32) -> Task:
+    """Task C: add two two-digit numbers; eval pairs (in either order) never appear in train."""
+    rng = random.Random(f"sums-{seed}")
+    seen: set[frozenset[int]] = set()
+    examples = []
+    while len(examples) < train_size + eval_size:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if frozenset((a, b)) in seen:
+            continue
+        seen.add(frozenset((a, b)))
+        examples.append(chat(f"What is {a} + {b}?", f"{a} + {b} = {a + b}."))
+    return Task("sums", examples[:train_size], examples[train_size:])
+
+
+TASKS = {"facts": facts_task, "reversal": reversal_task, "sums": sums_task}
+
+
+def make_task(name: str, seed: int = 0, scale: int = 1) -> Task:
+    """Task `name` with `scale` × its usual training set (facts: `scale` × 20 countries)."""
+    if name == "facts":
+        return facts_task(seed, entities=20 * scale)
+    return TASKS[name](seed, train_size=240 * scale)
+
+
+def write_task(task: Task, folder: str | Path) -> tuple[str, str]:
+    """Write FOLDER/<name>-train.jsonl and <name>-eval.jsonl; return both paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, rows in (("train", task.train), ("eval", task.eval)):
+        path = folder / f"{task.name}-{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        paths.append(str(path))
+    return paths[0], paths[1]
