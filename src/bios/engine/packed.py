@@ -13,7 +13,7 @@ logits differ from `F.linear`'s by float32 rounding, as any change of batch shap
 
 Sibling projections of one input are fused into one GEMM: an attention block's q/k/v and an MLP's
 gate/up (`FUSED_GROUPS`). One larger multiplication streams the same weights with fewer calls:
-measured at 16 rows on SmolLM2-135M, 94 ms per decode step instead of 100 (the fused outputs equal
+measured at 16 rows on SmolLM2-135M, 94 ms per decode step instead of 97 (the fused outputs equal
 the separate ones exactly, as oneDNN computes each output column alone). The first projection of
 a group computes all of them and keeps the others' outputs for their own calls; a sibling called
 with another input than the first's (a model that does not follow the pattern) computes alone.
