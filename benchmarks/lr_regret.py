@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from machine import cpu_name
-from sft_tasks import TASKS, write_task
+from sft_tasks import TASKS, make_task, write_task
 
 from bios.client.service import ServiceClient
 from bios.hparams import get_lr
@@ -92,7 +92,7 @@ def main() -> int:
     service = ServiceClient()  # one engine for every run: the base model is loaded once
     regrets = {}
     for task in args.tasks:
-        train, held_out = write_task(TASKS[task](args.seed), args.out / "tasks")
+        train, held_out = write_task(make_task(task, args.seed), args.out / "tasks")
         base = SFTConfig(
             model=DEFAULT_MODEL,
             data=train,
