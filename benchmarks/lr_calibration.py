@@ -1,12 +1,12 @@
 """Calibrate the SmolLM2 learning-rate exponent P with LR sweeps on the default model.
 
 What is run: `bios sweep lr` (the module `bios.recipes.sweep`) on each calibration task of
-`sft_tasks.py` — task A (facts about invented countries; eval asks them in a phrasing never
-trained on) and task B (reverse a list of words; eval lists never trained on) — LoRA rank 8 and
-batch 8 on SmolLM2-135M-Instruct (what `bios sft` chooses for these 240-example sets; the rank
-moves the best LR, see docs/hparams.md), the SFT recipe's linear schedule without warmup, a fixed
-number of steps, seed 0. The value in `bios.hparams` came from
-`lr_calibration.py --rank 8 --ks 3 4 5 6 --max-widenings 1`.
+`sft_tasks.py`, LoRA rank 8 and batch 8 on SmolLM2-135M-Instruct (what `bios sft` chooses for
+these 400-example sets; the rank moves the best LR, see docs/hparams.md), the SFT recipe's
+linear schedule without warmup, a fixed number of steps, seed 0. The value in `bios.hparams`
+came from the defaults (task D half a: natural-language answers, 100 steps); `--tasks facts
+reversal --steps 48 --eval-every 12 --ks 3 4 5 6 --max-widenings 1` is the earlier,
+synthetic-task calibration that docs/hparams.md also records.
 
 The grid: LR = anchor × √2^k, where the anchor is the LR `bios sft` chose at batch 8 before this
 calibration (the Llama exponent 0.781: 1.32e-3 × √(8/128) = 3.30e-4), so every run of this script
@@ -62,17 +62,23 @@ from bios.models.loading import DEFAULT_MODEL
 from bios.recipes.sft import SFTConfig
 from bios.recipes.sweep import SweepConfig, run_sweep
 
-LABELS = {"facts": "A (facts)", "reversal": "B (reversal)", "sums": "C (sums)"}
+LABELS = {
+    "facts": "A (facts)",
+    "reversal": "B (reversal)",
+    "sums": "C (sums)",
+    "docs-a": "D (docs, half a)",
+    "docs-b": "D (docs, half b)",
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/lr-calibration"))
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["facts", "reversal"])
-    parser.add_argument("--ks", type=int, nargs="+", default=list(range(-4, 5)))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["docs-a"])
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 5, 6])
     parser.add_argument("--batch", type=int, default=8, help="examples per step")
-    parser.add_argument("--steps", type=int, default=48)
-    parser.add_argument("--eval-every", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

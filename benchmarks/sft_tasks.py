@@ -9,6 +9,12 @@
     sums      (task C) add two two-digit numbers, answered as a sentence. Eval pairs never occur
               in train; a 135M model does not master addition in a few dozen steps, so the eval
               loss stays well above 0 and ratios between losses mean something.
+    docs      (task D, two halves "docs-a" and "docs-b") natural English: asked what a public
+              function or class of a Python standard-library module does, answer with the
+              summary of its docstring. The modules are split in two halves (alternately, in
+              a fixed order), so docs-b's functions, and its modules, are never seen when
+              training on docs-a; within a half, eval items never occur in train. Real text has
+              an entropy floor, so the eval loss stays well above 0, like a real SFT set's.
 
 Every example has the same short system message: SmolLM2's template otherwise adds its 13-token
 default one, and on a CPU every token of a step costs time. The same seed gives the same files.
@@ -16,8 +22,11 @@ default one, and on a CPU every token of a step costs time. The same seed gives 
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,13 +168,89 @@ def sums_task(seed: int = 0, train_size: int = 240, eval_size: int = 32) -> Task
     return Task("sums", examples[:train_size], examples[train_size:])
 
 
-TASKS = {"facts": facts_task, "reversal": reversal_task, "sums": sums_task}
+# Standard-library modules for task D, in a fixed order: docs-a takes the even positions,
+# docs-b the odd ones. The texts are those of the running Python (3.11 here and in CI).
+DOC_MODULES = (
+    "os json re collections itertools functools pathlib string textwrap shutil subprocess math "
+    "statistics random datetime time calendar csv sqlite3 zipfile tarfile gzip hashlib base64 "
+    "heapq bisect copy pprint urllib.parse http.client email.utils logging argparse tempfile "
+    "glob fnmatch struct array decimal fractions uuid socket threading queue asyncio contextlib "
+    "dataclasses enum typing inspect ast dis tokenize difflib unicodedata codecs io pickle shelve "
+    "configparser platform sys warnings weakref operator secrets html xml.etree.ElementTree"
+).split()
+DOC_MAX_CHARS = 240  # one or two sentences: about 50 tokens
+
+
+def docstring_summary(obj: object) -> str | None:
+    """The first paragraph of obj's docstring on one line, cut to whole sentences within
+    DOC_MAX_CHARS; None when there is none (or it only repeats the signature)."""
+    paragraphs = [p for p in (inspect.getdoc(obj) or "").split("\n\n") if p.strip()]
+    name = getattr(obj, "__name__", "")
+    if paragraphs and re.match(rf"{re.escape(name)}\(", paragraphs[0]):
+        paragraphs = paragraphs[1:]  # a builtin's signature line
+    if not paragraphs:
+        return None
+    text = " ".join(paragraphs[0].split())
+    if len(text) > DOC_MAX_CHARS:
+        sentences = re.split(r"(?<=[.!?])\s+", text)
+        text = sentences[0]
+        for sentence in sentences[1:]:
+            if len(text) + 1 + len(sentence) > DOC_MAX_CHARS:
+                break
+            text += " " + sentence
+    return text if 20 <= len(text) <= DOC_MAX_CHARS else None
+
+
+def doc_items(modules: list[str]) -> list[tuple[str, str, str]]:
+    """(module, name, summary) for the public functions and classes each module defines; a
+    summary shared by several items (inherited boilerplate) is dropped from all of them."""
+    items = []
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or not (inspect.isroutine(obj) or inspect.isclass(obj)):
+                continue
+            if getattr(obj, "__module__", None) != module.__name__ and module_name != "os":
+                continue  # imported from elsewhere (os re-exports posix: keep those)
+            summary = docstring_summary(obj)
+            if summary is not None:
+                items.append((module_name, name, summary))
+    counts: dict[str, int] = {}
+    for _, _, summary in items:
+        counts[summary] = counts.get(summary, 0) + 1
+    return [item for item in items if counts[item[2]] == 1]
+
+
+def docs_task(seed: int = 0, half: str = "a", train_size: int = 400, eval_size: int = 64) -> Task:
+    """Task D: what does MODULE.NAME do? → its docstring summary; one half of DOC_MODULES."""
+    modules = DOC_MODULES[{"a": 0, "b": 1}[half] :: 2]
+    items = doc_items(modules)
+    rng = random.Random(f"docs-{half}-{seed}")
+    rng.shuffle(items)
+    if len(items) < train_size + eval_size:
+        raise ValueError(f"docs-{half} has {len(items)} items, fewer than {train_size + eval_size}")
+    examples = [
+        chat(f"What does {name} in Python's {module} module do?", summary)
+        for module, name, summary in items[: train_size + eval_size]
+    ]
+    return Task(f"docs-{half}", examples[:train_size], examples[train_size:])
+
+
+TASKS = {
+    "facts": facts_task,
+    "reversal": reversal_task,
+    "sums": sums_task,
+    "docs-a": lambda seed=0, train_size=400: docs_task(seed, "a", train_size),
+    "docs-b": lambda seed=0, train_size=400: docs_task(seed, "b", train_size),
+}
 
 
 def make_task(name: str, seed: int = 0, scale: int = 1) -> Task:
     """Task `name` with `scale` × its usual training set (facts: `scale` × 20 countries)."""
     if name == "facts":
         return facts_task(seed, entities=20 * scale)
+    if name.startswith("docs-"):
+        return TASKS[name](seed, train_size=400 * scale)
     return TASKS[name](seed, train_size=240 * scale)
 
 

@@ -57,12 +57,12 @@ def test_get_lr_reproduces_published_values(model: str, published: float) -> Non
 def test_get_lr_family_exponents_and_calibrated_smollm2() -> None:
     qwen25 = get_lr("Qwen/Qwen2.5-7B-Instruct")
     assert qwen25 == pytest.approx(5e-4 * (2000 / 3584) ** 0.0775)
-    # The sweeps in docs/hparams.md: the minimax LR of tasks A and B at rank 8 is 1.322e-3 at
-    # batch 8 (3.305e-4 × √2^4), × √(128/8) → 5.287e-3 at the reference batch; P = 1.895
+    # The sweep in docs/hparams.md: the best LR of task D (half a) at rank 8 is 2.644e-3 at
+    # batch 8 (3.305e-4 × √2^6), × √(128/8) → 1.057e-2 at the reference batch; P = 2.452
     # reproduces it to 0.1%.
     smol = get_lr("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert smol == pytest.approx(5e-4 * (2000 / 576) ** 1.895)
-    assert smol == pytest.approx(3.305e-4 * 4 * math.sqrt(128 / 8), rel=0.001)
+    assert smol == pytest.approx(5e-4 * (2000 / 576) ** 2.452)
+    assert smol == pytest.approx(3.305e-4 * 8 * math.sqrt(128 / 8), rel=0.001)
     assert not hparams.PROVISIONAL_FAMILIES
     assert set(hparams.LR_EXPONENTS) >= {"llama", "qwen2", "qwen3", "smollm2"}
 

@@ -33,10 +33,10 @@ LR_EXPONENTS: dict[str, float] = {
     "llama": 0.781,
     "qwen2": 0.0775,
     "qwen3": 0.0775,
-    # Bios's own calibration: LR sweeps of SmolLM2-135M-Instruct LoRA SFT on two tasks, at the
-    # rank `bios sft` chooses for small data (benchmarks/lr_calibration.py; the tables are in
-    # docs/hparams.md). One model size.
-    "smollm2": 1.895,
+    # Bios's own calibration: an LR sweep of SmolLM2-135M-Instruct LoRA SFT on natural-language
+    # data (task D, half a, of benchmarks/sft_tasks.py) at the batch, rank and steps `bios sft`
+    # chooses for it (benchmarks/lr_calibration.py; the tables are in docs/hparams.md). One size.
+    "smollm2": 2.452,
 }
 # Families whose exponent is a stand-in, not a calibration: `recommend` says so in its reasons.
 PROVISIONAL_FAMILIES: frozenset[str] = frozenset()
@@ -128,7 +128,7 @@ def get_lr(model: str | os.PathLike[str] | ModelSpec, lora: bool = True) -> floa
 
         LR = 5e-5 × (10 if lora else 1) × (2000 / hidden_size)^P
 
-    P = 0.781 for Llama, 0.0775 for Qwen (qwen2, qwen3), and 1.895 for SmolLM2 (Bios's LR
+    P = 0.781 for Llama, 0.0775 for Qwen (qwen2, qwen3), and 2.452 for SmolLM2 (Bios's LR
     sweeps on SmolLM2-135M-Instruct, docs/hparams.md).
     The hidden size comes from the catalog, or from the model's local `config.json`.
     Never raises for an unknown model; it warns (`UncalibratedModelWarning`) and uses the Llama
