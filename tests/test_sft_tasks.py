@@ -45,7 +45,7 @@ def test_docstring_summary_takes_whole_sentences_of_the_first_paragraph() -> Non
         Details that are not part of the summary."""
 
     assert sft_tasks.docstring_summary(documented) == "Return the thing. It is computed carefully."
-    long_sentence = "Word " * 40 + "end."  # 205 characters: kept whole
+    long_sentence = "Word " * 40 + "end."  # 204 characters: kept whole
     documented.__doc__ = f"{long_sentence} A second sentence that would not fit in the limit."
     assert sft_tasks.docstring_summary(documented) == long_sentence
     documented.__doc__ = "documented(x) -> None\n\nDo it to x."  # a builtin's signature line
