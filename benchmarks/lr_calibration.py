@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from machine import cpu_name
-from sft_tasks import TASKS, make_task, write_task
+from sft_tasks import LABELS, TASKS, make_task, write_task
 
 from bios.client.service import ServiceClient
 from bios.hparams import (
@@ -61,14 +61,6 @@ from bios.models.catalog import lookup
 from bios.models.loading import DEFAULT_MODEL
 from bios.recipes.sft import SFTConfig
 from bios.recipes.sweep import SweepConfig, run_sweep
-
-LABELS = {
-    "facts": "A (facts)",
-    "reversal": "B (reversal)",
-    "sums": "C (sums)",
-    "docs-a": "D (docs, half a)",
-    "docs-b": "D (docs, half b)",
-}
 
 
 def parse_args() -> argparse.Namespace:

@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from machine import cpu_name
-from sft_tasks import TASKS, make_task, write_task
+from sft_tasks import LABELS, TASKS, make_task, write_task
 
 from bios.client.service import ServiceClient
 from bios.hparams import get_lr
@@ -45,13 +45,6 @@ from bios.recipes.sft import SFTConfig
 from bios.recipes.sweep import SweepConfig, SweepResult, run_sweep
 
 TARGET = 0.01
-LABELS = {
-    "facts": "task A (facts)",
-    "reversal": "task B (reversal)",
-    "sums": "task C (sums)",
-    "docs-a": "task D half a (docs, the calibration task)",
-    "docs-b": "task D half b (docs, held out: other modules)",
-}
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,7 +65,7 @@ def regret(result: SweepResult) -> float:
 def report(task: str, result: SweepResult, minutes: float) -> None:
     first = result.rows[0]
     print(
-        f"\n{LABELS[task]}: batch {first.batch_size}, rank {first.rank}, {first.steps} steps, "
+        f"\ntask {LABELS[task]}: batch {first.batch_size}, rank {first.rank}, {first.steps} steps, "
         f"chosen LR {result.default_value:.4g} ({minutes:.1f} min)"
     )
     print(f"{'multiplier':>10} {'LR':>10} {'final eval loss':>16} {'ratio to best':>14}")
@@ -112,7 +105,8 @@ def main() -> int:
         report(task, result, (time.perf_counter() - started) / 60)
         regrets[task] = regret(result)
     print(
-        "\n" + ", ".join(f"{LABELS[t].split(' (')[0]}: regret {r:.2%}" for t, r in regrets.items())
+        "\n"
+        + ", ".join(f"task {LABELS[t].split(' (')[0]}: regret {r:.2%}" for t, r in regrets.items())
     )
     return 0
 

@@ -28,6 +28,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 SYSTEM = "Answer briefly."
@@ -240,8 +241,16 @@ TASKS = {
     "facts": facts_task,
     "reversal": reversal_task,
     "sums": sums_task,
-    "docs-a": lambda seed=0, train_size=400: docs_task(seed, "a", train_size),
-    "docs-b": lambda seed=0, train_size=400: docs_task(seed, "b", train_size),
+    "docs-a": partial(docs_task, half="a"),
+    "docs-b": partial(docs_task, half="b"),
+}
+# How the benchmarks name each task in their tables and reports ("task " + label).
+LABELS = {
+    "facts": "A (facts)",
+    "reversal": "B (reversal)",
+    "sums": "C (sums)",
+    "docs-a": "D half a (docs, the calibration task)",
+    "docs-b": "D half b (docs, held out: other modules)",
 }
 
 
