@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from bios.client.service import ServiceClient
 from bios.distributed.sampling import split_requests
 from bios.distributed.step import split_ranges
+from bios.engine.decoding import SampleRequest, SampleSettings
 from bios.engine.engine import Engine
-from bios.engine.sampler import SampleRequest, SampleSettings
 from bios.launch import strip_distributed_flags, torchrun_command
 from bios.types import ModelInput, SamplingParams
 from distributed_scenario import continue_from, scenario, train, train_in_shares

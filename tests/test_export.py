@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bios.models.export import export_adapter, export_merged
+from bios.checkpoints.export import export_adapter, export_merged
 from bios.recipes.run_folder import checkpoint_folder_of
 from bios.types import AdamParams, Datum, ModelInput
 

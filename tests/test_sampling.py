@@ -404,7 +404,7 @@ def test_prepacked_weights_change_nothing(family, tiny_models, service: ServiceC
     """Batches of MIN_ROWS or more decode with prepacked linear weights, q/k/v and gate/up fused
     (and the LoRA hooks still apply to each projection): the same tokens as the plain `F.linear`
     path, logprobs to fp32 rounding. Qwen2 has q/k/v biases, Qwen3 normalises q and k."""
-    import bios.engine.sampler as sampler_module
+    import bios.engine.decoding as decoding_module
     from bios.engine.packed import MIN_ROWS, PackedLinears
 
     training = service.create_lora_training_client(tiny_models[family], rank=4, seed=2)
@@ -418,7 +418,7 @@ def test_prepacked_weights_change_nothing(family, tiny_models, service: ServiceC
         assert len(packed_linears._groups) == 2 * layers  # q/k/v and gate/up of every layer
     prompt, params = ModelInput.from_ints(PROMPTS[2]), SamplingParams(max_tokens=16, seed=8)
     packed = sampler.sample(prompt, MIN_ROWS + 2, params).result()
-    monkeypatch.setattr(sampler_module, "MIN_ROWS", 10**9)
+    monkeypatch.setattr(decoding_module, "MIN_ROWS", 10**9)
     plain = sampler.sample(prompt, MIN_ROWS + 2, params).result()
     assert [s.tokens for s in packed.sequences] == [s.tokens for s in plain.sequences]
     for a, b in zip(packed.sequences, plain.sequences, strict=True):
@@ -556,7 +556,7 @@ def test_bad_sampling_clients_and_logprob_requests(service: ServiceClient, llama
 def test_inverse_cdf_equals_one_running_sum():
     """The two-level search picks the token a single float64 running sum (numpy) picks, on rows
     with zeros (truncated sampling), widths that are not a multiple of the block, and u near 1."""
-    from bios.engine.sampler import CDF_BLOCK, inverse_cdf
+    from bios.engine.decoding import CDF_BLOCK, inverse_cdf
 
     generator = torch.Generator().manual_seed(0)
     for width in (7, CDF_BLOCK, 3 * CDF_BLOCK + 41, 49_152):

@@ -7,22 +7,9 @@ from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
+from bios.concurrency import then
+
 T = TypeVar("T")
-U = TypeVar("U")
-
-
-def then(future: Future, fn: Callable[[Any], U]) -> Future:
-    """A future of `fn(result)`, or of the error; `fn` runs before anyone waiting on it wakes."""
-    out: Future = Future()
-
-    def done(source: Future) -> None:
-        try:
-            out.set_result(fn(source.result()))
-        except BaseException as error:  # the caller sees it on .result()
-            out.set_exception(error)
-
-    future.add_done_callback(done)
-    return out
 
 
 class APIFuture(Generic[T]):

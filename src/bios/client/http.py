@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from bios.client.futures import then
-from bios.engine.checkpoints import CheckpointPath
+from bios.checkpoints.paths import CheckpointPath
+from bios.concurrency import then
 from bios.engine.runs import checked_custom_result
 from bios.errors import BiosError, InvalidInputError, NotFoundError
 from bios.objectives.custom import linearised

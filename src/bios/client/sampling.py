@@ -15,7 +15,7 @@ from typing import Any
 
 from bios.client.futures import APIFuture
 from bios.engine.engine import Engine
-from bios.engine.sampling import SamplingSession
+from bios.engine.sampling_sessions import SamplingSession
 from bios.types import ModelInput, SampleResponse, SamplingParams
 
 

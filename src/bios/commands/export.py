@@ -28,8 +28,8 @@ def add(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bios.checkpoints.export import export_adapter, export_merged
     from bios.errors import NotFoundError
-    from bios.models.export import export_adapter, export_merged
     from bios.recipes.run_folder import checkpoint_folder_of
 
     try:

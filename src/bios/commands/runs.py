@@ -19,7 +19,7 @@ def add(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bios.engine.checkpoints import KINDS
+    from bios.checkpoints.paths import KINDS
     from bios.models.loading import bios_home
     from bios.recipes.progress import summary
     from bios.recipes.run_folder import list_runs

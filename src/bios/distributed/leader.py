@@ -29,7 +29,7 @@ from bios.distributed.step import (
 from bios.engine.batch import PackedBatch
 from bios.engine.engine import Engine
 from bios.engine.runs import TrainingRun
-from bios.engine.sampling import SamplingSession
+from bios.engine.sampling_sessions import SamplingSession
 from bios.engine.worker import ModelWorker
 from bios.errors import NotFoundError
 from bios.models.lora import LoRAAdapter

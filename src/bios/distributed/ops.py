@@ -14,7 +14,7 @@ from bios.distributed.protocol import Replica, op
 from bios.distributed.runs import ReplicatedRun, ShardedFullRun
 from bios.distributed.step import Shard, StepHeader, distributed_step
 from bios.engine.runs import TrainingRun
-from bios.engine.sampling import SamplingSession, _frozen
+from bios.engine.sampling_sessions import SamplingSession, _frozen
 from bios.models.loading import load_model
 from bios.models.lora import LoRAAdapter
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from bios.distributed.group import DistributedError, Group
 from bios.engine.runs import TrainingRun
-from bios.engine.sampling import SamplingSession
+from bios.engine.sampling_sessions import SamplingSession
 from bios.engine.worker import ModelWorker
 from bios.models.loading import load_model, resolve_model_path
 from bios.models.lora import LoRAAdapter

@@ -23,7 +23,6 @@ jobs of any number of ranks, including one process.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -38,8 +37,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from bios.checkpoints.layout import FULL_WEIGHTS_FILE, OPTIMIZER_FILE, write_state
 from bios.distributed.group import Group
-from bios.engine.runs import FULL_WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, TrainingRun
+from bios.engine.runs import TrainingRun
 from bios.models.loading import load_model
 from bios.models.lora import AdapterHost
 from bios.types import AdamParams, LoraConfig, OptimStepResponse
@@ -171,7 +171,7 @@ class ShardedFullRun(TrainingRun):
         save_file(tensors, folder / FULL_WEIGHTS_FILE)
         if with_optimizer:
             save_file(optimizer, folder / OPTIMIZER_FILE)
-        (folder / STATE_FILE).write_text(json.dumps(self.describe(), indent=2))
+        write_state(folder, self.describe())
 
     def optimizer_layout(
         self, optimizer_state: dict[str, dict[str, torch.Tensor]]

@@ -18,8 +18,8 @@ import dataclasses
 import weakref
 
 from bios.distributed.protocol import Replica, call, op
-from bios.engine.sampler import SampleRequest, generate
-from bios.engine.sampling import SamplingSession
+from bios.engine.decoding import SampleRequest, generate
+from bios.engine.sampling_sessions import SamplingSession
 from bios.types import SampleResponse
 
 Part = tuple[int, SampleRequest]  # (index of the request in the batch, the part)

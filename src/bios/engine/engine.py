@@ -7,7 +7,6 @@ model's worker completes in submission order.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 import weakref
@@ -15,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
+from bios.checkpoints.layout import read_state
+from bios.checkpoints.paths import CheckpointPath, check_name, check_run_id, checkpoint_folder
 from bios.engine.batch import pack_batch, resolve_config, resolve_objective
-from bios.engine.checkpoints import CheckpointPath, check_name, check_run_id, checkpoint_folder
 from bios.engine.kept_graph import KEEP_SECONDS
-from bios.engine.runs import CUSTOM_INPUT_TYPES, STATE_FILE, CustomLossFn, TrainingRun
-from bios.engine.sampling import SamplingSession
+from bios.engine.runs import CUSTOM_INPUT_TYPES, CustomLossFn, TrainingRun
+from bios.engine.sampling_sessions import SamplingSession
 from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError, NotFoundError
 from bios.fsutil import atomic_folder
@@ -122,9 +122,8 @@ class Engine:
     ) -> str:
         """A new run with the settings, weights (and optionally optimizer) of a saved state."""
         folder = checkpoint_folder(self.home, path)
-        saved = json.loads((folder / STATE_FILE).read_text())
-        lora = LoraConfig(**saved["lora"]) if saved["lora"] is not None else None
-        run_id = self.create_run(saved["base_model"], lora, run_id)
+        saved = read_state(folder)
+        run_id = self.create_run(saved.base_model, saved.lora_config(), run_id)
         try:
             self.load_state(run_id, path, with_optimizer).result()
         except BaseException:
@@ -228,18 +227,18 @@ class Engine:
         if reference is None or reference == "base":
             return None
         folder = checkpoint_folder(self.home, reference, "reference")
-        saved = json.loads((folder / STATE_FILE).read_text())
-        if saved["lora"] is None:
+        saved = read_state(folder, "reference")
+        if not saved.is_lora:
             raise InvalidInputError(
                 "reference",
                 f"{reference} is a full fine-tuning checkpoint; "
                 "pass ref_logprobs in the data instead",
             )
-        if saved["base_model"] != run.base_model:
+        if saved.base_model != run.base_model:
             raise InvalidInputError(
-                "reference", f"{reference} is of {saved['base_model']!r}, not {run.base_model!r}"
+                "reference", f"{reference} is of {saved.base_model!r}, not {run.base_model!r}"
             )
-        key = (str(folder), (folder / STATE_FILE).stat().st_mtime_ns)
+        key = (str(folder), saved.modified_ns)
         with self._lock:
             if key not in self._references:
                 self._references[key] = LoRAAdapter.load_peft(folder).requires_grad_(False)
@@ -273,12 +272,11 @@ class Engine:
     def load_state(self, run_id: str, path: str, with_optimizer: bool) -> Future[str]:
         run = self.run(run_id)
         folder = checkpoint_folder(self.home, path)
-        saved = json.loads((folder / STATE_FILE).read_text())
-        if saved["base_model"] != run.base_model:
+        saved = read_state(folder)
+        if saved.base_model != run.base_model:
             raise InvalidInputError(
                 "path",
-                f"checkpoint is of base model {saved['base_model']!r}, "
-                f"run is of {run.base_model!r}",
+                f"checkpoint is of base model {saved.base_model!r}, run is of {run.base_model!r}",
             )
         if with_optimizer and CheckpointPath.parse(path).kind != "weights":
             raise InvalidInputError(
@@ -326,7 +324,7 @@ class Engine:
             stop_ids.append(worker.loaded.tokenizer.eos_token_id)
         return worker.submit(run.generate, tokens, max_tokens, sorted(set(stop_ids)), lane=run_id)
 
-    # ---- sampling (bios.engine.sampling) ----------------------------------------------------
+    # ---- sampling (bios.engine.sampling_sessions) -------------------------------------------
 
     def create_sampling_session(
         self,

@@ -7,7 +7,6 @@ worker and the engine.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +17,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bios.checkpoints.layout import (
+    FULL_WEIGHTS_FILE,
+    OPTIMIZER_FILE,
+    describe_state,
+    has_adapter,
+    has_full_weights,
+    is_checkpoint,
+    read_state,
+    write_state,
+)
 from bios.engine.batch import PackedBatch
 from bios.engine.kept_graph import KeptForward
 from bios.errors import InvalidInputError
@@ -32,9 +41,6 @@ from bios.types import (
     TensorData,
 )
 
-STATE_FILE = "bios_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-FULL_WEIGHTS_FILE = "model.safetensors"
 _MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -239,13 +245,7 @@ class TrainingRun:
         return digest.hexdigest()
 
     def describe(self) -> dict:
-        return {
-            "format": 1,
-            "run_id": self.run_id,
-            "base_model": self.base_model,
-            "lora": self.lora.model_dump() if self.lora is not None else None,
-            "steps": self.steps,
-        }
+        return describe_state(self.run_id, self.base_model, self.lora, self.steps)
 
     def save(self, folder: Path, with_optimizer: bool) -> None:
         """Write the weights (PEFT folder or full safetensors) and optionally the optimizer."""
@@ -256,7 +256,7 @@ class TrainingRun:
             save_file(tensors, folder / FULL_WEIGHTS_FILE)
         if with_optimizer:
             save_file(self._optimizer_tensors(), folder / OPTIMIZER_FILE)
-        (folder / STATE_FILE).write_text(json.dumps(self.describe(), indent=2))
+        write_state(folder, self.describe())
 
     def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -282,10 +282,8 @@ class TrainingRun:
         (InvalidInputError if they do not fit); without the optimizer, no moments and step 0."""
         weights = self._read_weights(folder)
         optimizer_state = self._read_optimizer(folder) if with_optimizer else {}
-        saved = (
-            json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).exists() else {}
-        )
-        return weights, optimizer_state, int(saved.get("steps", 0)) if with_optimizer else 0
+        steps = read_state(folder).steps if with_optimizer and is_checkpoint(folder) else 0
+        return weights, optimizer_state, steps
 
     def assign(
         self,
@@ -306,7 +304,7 @@ class TrainingRun:
 
     def _read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
         if self.adapter is not None:
-            if not (folder / "adapter_config.json").exists():
+            if not has_adapter(folder):
                 raise InvalidInputError("path", f"{folder.name}: holds no LoRA adapter")
             loaded = LoRAAdapter.load_peft(folder)
             weights = {f"{m}.{f}": p.detach() for m, f, p in loaded.named_factors()}
@@ -317,7 +315,7 @@ class TrainingRun:
                     f"rank {self.adapter.rank} alpha {self.adapter.alpha}",
                 )
         else:
-            if not (folder / FULL_WEIGHTS_FILE).exists():
+            if not has_full_weights(folder):
                 raise InvalidInputError("path", f"{folder.name}: holds no full-model weights")
             weights = load_file(folder / FULL_WEIGHTS_FILE)
         if set(weights) != set(self.parameters):

@@ -25,6 +25,10 @@ from torch import nn
 
 from bios.types import LoraConfig
 
+# PEFT's file names: what `peft.PeftModel.from_pretrained` reads.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
@@ -143,19 +147,19 @@ class LoRAAdapter(nn.Module):
     def save_peft(self, folder: Path, base_model: str) -> None:
         """Write `adapter_config.json` and `adapter_model.safetensors` into `folder`."""
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "adapter_config.json").write_text(
+        (folder / ADAPTER_CONFIG_FILE).write_text(
             json.dumps(self.peft_config(base_model), indent=2)
         )
-        save_file(self.peft_state_dict(), folder / "adapter_model.safetensors")
+        save_file(self.peft_state_dict(), folder / ADAPTER_WEIGHTS_FILE)
 
     @classmethod
     def load_peft(cls, folder: Path) -> LoRAAdapter:
         """Read a PEFT LoRA folder (as written by `save_peft` or by PEFT itself)."""
-        config = json.loads((folder / "adapter_config.json").read_text())
+        config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
         if config.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{folder}: not a LoRA adapter (peft_type={config.get('peft_type')})")
         factors: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in load_file(folder / "adapter_model.safetensors").items():
+        for key, tensor in load_file(folder / ADAPTER_WEIGHTS_FILE).items():
             name, factor = _split_peft_key(key)
             factors.setdefault(name, {})[factor] = tensor
         shapes = {name: (f["lora_A"].shape[1], f["lora_B"].shape[0]) for name, f in factors.items()}

@@ -119,10 +119,11 @@ def checkpoint_path(reference: str | os.PathLike[str]) -> str:
 def checkpoint_folder_of(reference: str | os.PathLike[str], home: Path | None = None) -> Path:
     """The local folder of a checkpoint: given as that folder, a bios:// path (under `home`,
     default $BIOS_HOME) or a run folder (its last checkpoint)."""
-    from bios.engine.checkpoints import checkpoint_folder
+    from bios.checkpoints.layout import is_checkpoint
+    from bios.checkpoints.paths import checkpoint_folder
     from bios.models.loading import bios_home
 
-    if (Path(reference) / "bios_state.json").is_file():
+    if is_checkpoint(Path(reference)):
         return Path(reference)
     return checkpoint_folder(home or bios_home(), checkpoint_path(reference))
 

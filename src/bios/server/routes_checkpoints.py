@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from bios.engine.checkpoints import KINDS, CheckpointPath
+from bios.checkpoints.paths import KINDS, CheckpointPath
 from bios.errors import InvalidInputError, NotFoundError
 from bios.fsutil import remove_folder
 from bios.server.auth import Tenant

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from bios.engine.checkpoints import CheckpointPath
+from bios.checkpoints.paths import CheckpointPath
 from bios.server.auth import Tenant
 from bios.server.routes_training import check_checkpoint_owner
 from bios.server.state import ServerState

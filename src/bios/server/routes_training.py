@@ -16,9 +16,9 @@ import zstandard
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from bios.client.futures import then
-from bios.engine.checkpoints import CheckpointPath, checkpoint_folder
-from bios.engine.runs import STATE_FILE
+from bios.checkpoints.layout import read_state
+from bios.checkpoints.paths import CheckpointPath, checkpoint_folder
+from bios.concurrency import then
 from bios.errors import InvalidInputError, NotFoundError
 from bios.server import tinker_wire
 from bios.server.auth import Tenant
@@ -254,13 +254,13 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         if run_id is None:
             raise InvalidInputError("model_id", "give model_id, or session_id and model_seq_id")
         folder = checkpoint_folder(state.engine.home, body.path)
-        saved_state = json.loads((folder / STATE_FILE).read_text())
-        if body.base_model is not None and body.base_model != saved_state["base_model"]:
+        saved_state = read_state(folder)
+        if body.base_model is not None and body.base_model != saved_state.base_model:
             raise InvalidInputError(
                 "base_model",
-                f"{body.path} is of {saved_state['base_model']!r}, not {body.base_model!r}",
+                f"{body.path} is of {saved_state.base_model!r}, not {body.base_model!r}",
             )
-        state.check_model(saved_state["base_model"])
+        state.check_model(saved_state.base_model)
         state.check_run_quota(tenant)
 
         def create() -> dict:
@@ -269,8 +269,8 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 created,
                 tenant,
                 body.session_id,
-                saved_state["base_model"],
-                saved_state["lora"],
+                saved_state.base_model,
+                saved_state.lora,
                 body.user_metadata,
             )
             state.sequencer.start(created)
@@ -286,9 +286,9 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     def weights_info(body: WeightsInfoBody, tenant: Tenant) -> dict:
         check_checkpoint_owner(state, body.tinker_path, tenant, "tinker_path")
         folder = checkpoint_folder(state.engine.home, body.tinker_path, "tinker_path")
-        saved_state = json.loads((folder / STATE_FILE).read_text())
-        lora = saved_state["lora"]
-        info = {"base_model": saved_state["base_model"], "is_lora": lora is not None}
+        saved_state = read_state(folder, "tinker_path")
+        lora = saved_state.lora
+        info = {"base_model": saved_state.base_model, "is_lora": lora is not None}
         if lora is not None:
             info.update(
                 lora_rank=lora["rank"],

@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bios.engine.checkpoints import KINDS, CheckpointPath
+from bios.checkpoints.paths import KINDS, CheckpointPath
 from bios.engine.engine import Engine
 from bios.errors import InvalidInputError, NotFoundError
 from bios.server.futures import Entry, FutureTable

@@ -15,7 +15,6 @@ what the LoRA model computes.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -24,26 +23,29 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from bios.engine.runs import FULL_WEIGHTS_FILE, STATE_FILE
+from bios.checkpoints.layout import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    FULL_WEIGHTS_FILE,
+    has_adapter,
+    read_state,
+)
 from bios.fsutil import atomic_folder
 from bios.models.loading import load_tokenizer, resolve_model_path
 from bios.models.lora import LoRAAdapter
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 
 
 def checkpoint_base_model(folder: Path) -> str:
     """The base model a checkpoint folder was trained on."""
-    state = folder / STATE_FILE
-    if not state.is_file():
-        raise ValueError(f"{folder}: not a Bios checkpoint (no {STATE_FILE})")
-    return json.loads(state.read_text())["base_model"]
+    return read_state(folder).base_model
 
 
 def export_adapter(folder: Path, out: Path) -> Path:
     """Copy a LoRA checkpoint's PEFT adapter and the base tokenizer to `out` (atomically)."""
     base_model = checkpoint_base_model(folder)
-    if not (folder / ADAPTER_FILES[0]).is_file():
+    if not has_adapter(folder):
         raise ValueError(f"{folder}: a full fine-tuning checkpoint has no adapter; use --merged")
     with atomic_folder(out) as staging:
         for name in ADAPTER_FILES:
@@ -59,7 +61,7 @@ def export_merged(folder: Path, out: Path) -> Path:
         resolve_model_path(base_model), dtype=torch.float32
     )
     with torch.no_grad():
-        if (folder / ADAPTER_FILES[0]).is_file():
+        if has_adapter(folder):
             _merge_adapter(model, LoRAAdapter.load_peft(folder))
         else:
             _load_full_weights(model, load_file(folder / FULL_WEIGHTS_FILE))

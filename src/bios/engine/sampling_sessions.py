@@ -11,13 +11,12 @@ A session samples from fixed weights on a base model's worker:
 Requests are checked in the caller's thread (`InvalidInputError` naming the field, nothing
 queued) and put on the session's queue; each also submits a drain task to the worker. The worker
 runs tasks one at a time, so while it is busy requests pile up, and the next drain decodes every
-pending request of the session in one batch (`bios.engine.sampler.generate`).
+pending request of the session in one batch (`bios.engine.decoding.generate`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import secrets
 import threading
@@ -33,8 +32,9 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from bios.engine.runs import FULL_WEIGHTS_FILE, STATE_FILE, TrainingRun
-from bios.engine.sampler import SampleRequest, SampleSettings, generate, prompt_logprobs
+from bios.checkpoints.layout import FULL_WEIGHTS_FILE, has_adapter, has_full_weights, read_state
+from bios.engine.decoding import SampleRequest, SampleSettings, generate, prompt_logprobs
+from bios.engine.runs import TrainingRun
 from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError
 from bios.models.loading import LoadedModel, load_model
@@ -96,16 +96,13 @@ class SamplingSession:
         cls, folder: Path, worker_of: Callable[[str], ModelWorker], field: str = "model_path"
     ) -> SamplingSession:
         """A session on the weights saved in `folder` (a LoRA adapter or full weights)."""
-        state = folder / STATE_FILE
-        if not state.is_file():
-            raise InvalidInputError(field, f"{folder.name}: not a Bios checkpoint ({STATE_FILE})")
-        base_model = json.loads(state.read_text())["base_model"]
+        base_model = read_state(folder, field).base_model
         worker = worker_of(base_model)
-        if (folder / "adapter_config.json").is_file():
+        if has_adapter(folder):
             adapter = LoRAAdapter.load_peft(folder).requires_grad_(False)
             _check_adapter_fits(adapter, worker.loaded.model, field)
             return cls(worker, base_model, adapter=adapter)
-        if (folder / FULL_WEIGHTS_FILE).is_file():
+        if has_full_weights(folder):
             model = load_model(base_model).model
             result = model.load_state_dict(load_file(folder / FULL_WEIGHTS_FILE), strict=False)
             if result.unexpected_keys:
