@@ -42,7 +42,8 @@ from bios.client.service import ServiceClient
 from bios.hparams import get_lr
 from bios.models.loading import DEFAULT_MODEL
 from bios.recipes.sft import SFTConfig
-from bios.recipes.sweep import SweepConfig, SweepResult, run_sweep
+from bios.recipes.sweep import SweepConfig, run_sweep
+from bios.recipes.sweep_report import SweepResult
 
 TARGET = 0.01
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bios.cli import main
 from bios.data.chat import prompt_tokens
+from bios.distributed import process
 from bios.engine.engine import Engine
 from bios.recipes.run_folder import RunFolder, checkpoint_folder_of
 
@@ -27,7 +28,7 @@ def home(tmp_path, monkeypatch):
     """A private Bios home for `ServiceClient()` (the process-wide engine), run from tmp_path."""
     folder = tmp_path / "home"
     monkeypatch.setenv("BIOS_HOME", str(folder))
-    monkeypatch.setattr(Engine, "_default", Engine(home=folder))
+    monkeypatch.setattr(process, "_engine", Engine(home=folder))
     monkeypatch.chdir(tmp_path)
     return folder
 

@@ -6,6 +6,10 @@ with the built-in loss for a custom one, the training client's own greedy decodi
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -195,3 +199,54 @@ def test_full_finetuning(service, llama):
     client.forward_backward(data, "cross_entropy")
     client.optim_step(AdamParams(learning_rate=1e-3)).result()
     assert client.forward(data, "cross_entropy").result().metrics["loss:sum"] < first
+
+
+HTTP_ONLY = """
+import sys
+import bios
+from bios.types import Datum, ModelInput
+service = bios.ServiceClient(base_url=sys.argv[1], api_key="tml-test")
+training = service.create_lora_training_client(sys.argv[2], rank=2)
+datum = Datum(
+    model_input=ModelInput.from_ints([1, 2, 3]),
+    loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+)
+output = training.forward([datum], "cross_entropy").result()
+assert len(output.loss_fn_outputs) == 1
+loaded = sorted(m for m in sys.modules if m == "bios.engine" or m.startswith("bios.engine."))
+print("engine modules:", loaded)
+sys.exit(1 if loaded else 0)
+"""
+
+
+def test_http_user_never_loads_the_engine(http_server, llama):
+    """`import bios` and a training call over HTTP, in a fresh interpreter: no bios.engine."""
+    done = subprocess.run(
+        [sys.executable, "-c", HTTP_ONLY, http_server.url, llama],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "engine modules: []" in done.stdout
+
+
+def test_user_metadata_reaches_the_run(request, service, llama, session_engine):
+    """`user_metadata` given to any creating call is kept with the run, through both transports:
+    on the engine's run in-process, in the server's record of the run over HTTP."""
+    metadata = {"renderer": "role_colon", "owner": "tests"}
+    client = service.create_lora_training_client(llama, rank=2, user_metadata=metadata)
+    path = client.save_state("meta").result().path
+    restored = service.create_training_client_from_state(path, user_metadata={"from": "state"})
+    expected = {client.model_id: metadata, restored.model_id: {"from": "state"}}
+    for model_id, wanted in expected.items():
+        if isinstance(service._engine, Engine):
+            assert session_engine.run(model_id).user_metadata == wanted
+        else:
+            server = request.getfixturevalue("http_server")
+            response = httpx.get(
+                f"{server.url}/api/v1/training_runs/{model_id}",
+                headers={"X-API-Key": "tml-test"},
+            )
+            assert response.status_code == 200
+            assert response.json()["user_metadata"] == wanted

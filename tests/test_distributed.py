@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 from bios.client.service import ServiceClient
+from bios.commands.launch import strip_distributed_flags, torchrun_command
 from bios.distributed.sampling import split_requests
 from bios.distributed.step import split_ranges
 from bios.engine.decoding import SampleRequest, SampleSettings
 from bios.engine.engine import Engine
-from bios.launch import strip_distributed_flags, torchrun_command
 from bios.types import ModelInput, SamplingParams
 from distributed_scenario import continue_from, scenario, train, train_in_shares
 from server_process import ServerProcess, free_port

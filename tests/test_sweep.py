@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from bios.cli import main
+from bios.distributed import process
 from bios.engine.engine import Engine
 from bios.recipes import sft
 from bios.recipes.run_folder import RunFolder
-from bios.recipes.sweep import SweepConfig, read_csv, run_sweep, sweep_values
+from bios.recipes.sweep import SweepConfig, run_sweep, sweep_values
+from bios.recipes.sweep_report import read_csv
 
 QA = [
     ("capital of France?", "Paris"),
@@ -130,7 +132,7 @@ def test_rank_sweep_from_the_command_line_shares_one_service(
     llama, files, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("BIOS_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(Engine, "_default", Engine(home=tmp_path / "home"))
+    monkeypatch.setattr(process, "_engine", Engine(home=tmp_path / "home"))
     services = []
     real_run = sft.run
 

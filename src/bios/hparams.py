@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-from bios.models.catalog import ModelSpec, lookup, spec_from_config
+from bios.models.catalog import ModelSpec, model_spec
 
 if TYPE_CHECKING:
     from bios.types import Datum
@@ -47,48 +47,6 @@ REFERENCE_BATCH = 128
 
 class UncalibratedModelWarning(UserWarning):
     """A learning rate was derived for a model outside the calibrated families."""
-
-
-def model_spec(model: str | os.PathLike[str] | ModelSpec) -> ModelSpec | None:
-    """What Bios can learn about `model` without loading weights; None when nothing is known.
-
-    Order: a `ModelSpec` as given; the catalog by name (`lookup`); otherwise the model's
-    `config.json` through transformers' `AutoConfig` with `local_files_only=True` (a local folder
-    or a hub id in the local cache; nested `text_config`s included). A spec read from a config has
-    `num_params=0` (not counted) and its family is the `model_type` when it is none of Bios's four.
-    """
-    if isinstance(model, ModelSpec):
-        return model
-    name = os.fspath(model)
-    spec = lookup(name)
-    if spec is not None:
-        return spec
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
-    except Exception:  # not a folder, not cached, not a transformers config: nothing known
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "hidden_size", None) is None:
-        return None
-    return replace(spec_from_config(name, config, 0), **_layer_shapes(text))
-
-
-def _layer_shapes(text: Any) -> dict[str, int | None]:
-    """The ModelSpec shape fields read from a (text) transformers config."""
-    heads = getattr(text, "num_attention_heads", None)
-    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0
-    inter = getattr(text, "moe_intermediate_size", None) if experts else None
-    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
-    return {
-        "intermediate_size": inter or getattr(text, "intermediate_size", None),
-        "num_heads": heads,
-        "num_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-        "head_dim": head_dim,
-        "vocab_size": getattr(text, "vocab_size", None),
-        "num_experts": int(experts),
-    }
 
 
 def _lr_from_spec(spec: ModelSpec | None, name: str, lora: bool) -> tuple[float, str]:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bios.errors import InvalidInputError
+
 __all__ = [
     "AdamParams",
     "Datum",
@@ -160,6 +162,18 @@ class Datum(_Base):
         return value
 
 
+def checked_data(data: object) -> list[Datum]:
+    """A request's `data`: a non-empty list of `Datum` (InvalidInputError naming the item)."""
+    if not isinstance(data, Sequence) or isinstance(data, str) or len(data) == 0:
+        raise InvalidInputError("data", "expected a non-empty list of Datum")
+    for index, datum in enumerate(data):
+        if not isinstance(datum, Datum):
+            raise InvalidInputError(
+                f"data[{index}]", f"expected a Datum, got {type(datum).__name__}"
+            )
+    return list(data)
+
+
 class AdamParams(_Base):
     """AdamW settings for one `optim_step` (weight decay is decoupled; clip 0 means off)."""
 
@@ -171,6 +185,12 @@ class AdamParams(_Base):
     eps: float = Field(default=1e-12, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     grad_clip_norm: float = Field(default=0.0, ge=0.0)
+
+
+def checked_adam_params(adam_params: object) -> AdamParams:
+    if not isinstance(adam_params, AdamParams):
+        raise InvalidInputError("adam_params", f"expected AdamParams, got {adam_params!r}")
+    return adam_params
 
 
 class LoraConfig(_Base):

@@ -21,9 +21,8 @@ import httpx
 
 from bios.checkpoints.paths import CheckpointPath
 from bios.concurrency import then
-from bios.engine.runs import checked_custom_result
 from bios.errors import BiosError, InvalidInputError, NotFoundError
-from bios.objectives.custom import linearised
+from bios.objectives.custom import check_custom_loss, checked_custom_result, linearised
 from bios.types import (
     AdamParams,
     Datum,
@@ -34,6 +33,8 @@ from bios.types import (
     OptimStepResponse,
     SampleResponse,
     SamplingParams,
+    checked_adam_params,
+    checked_data,
 )
 
 
@@ -123,12 +124,17 @@ class HttpTransport:
     # ---- runs ---------------------------------------------------------------------------------
 
     def create_run(
-        self, base_model: str, lora: LoraConfig | None, run_id: str | None = None
+        self,
+        base_model: str,
+        lora: LoraConfig | None,
+        *,
+        user_metadata: Mapping[str, str] | None = None,
     ) -> str:
         body: dict[str, Any] = {
             "session_id": self._session_id,
             "model_seq_id": next(self._models),
             "base_model": base_model,
+            "user_metadata": dict(user_metadata) if user_metadata is not None else None,
         }
         if lora is None:
             body["full_finetune"] = True
@@ -137,12 +143,19 @@ class HttpTransport:
         answer = self._call("create_model", body)
         return self._future(answer, lambda r: r["model_id"]).result()
 
-    def create_run_from_state(self, path: str, with_optimizer: bool) -> str:
+    def create_run_from_state(
+        self,
+        path: str,
+        with_optimizer: bool,
+        *,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> str:
         body = {
             "session_id": self._session_id,
             "model_seq_id": next(self._models),
             "path": path,
             "optimizer": with_optimizer,
+            "user_metadata": dict(user_metadata) if user_metadata is not None else None,
         }
         return self._future(self._call("load_weights", body), lambda r: r["model_id"]).result()
 
@@ -164,14 +177,22 @@ class HttpTransport:
         loss_fn_config: Mapping[str, float] | None = None,
         backward: bool = True,
         reference: str | None = None,
+        *,
+        keep_graph: bool = False,
     ) -> Future[ForwardBackwardOutput]:
+        """`keep_graph` (a forward only): the server keeps the forward's autograd graph for the
+        `forward_backward` on the same tokens that follows (a custom objective's second pass)."""
         payload = {
-            "data": [d.model_dump(mode="json") for d in _checked_data(data)],
+            "data": [d.model_dump(mode="json") for d in checked_data(data)],
             "loss_fn": loss_fn if isinstance(loss_fn, str) else [list(p) for p in loss_fn],
             "loss_fn_config": dict(loss_fn_config) if loss_fn_config else None,
             "reference": reference,
         }
-        body = {"forward_backward_input": payload, "forward_only": not backward}
+        body = {
+            "forward_backward_input": payload,
+            "forward_only": not backward,
+            "keep_graph": keep_graph,
+        }
         return self._sequenced(
             "forward_backward", run_id, body, ForwardBackwardOutput.model_validate
         )
@@ -187,9 +208,13 @@ class HttpTransport:
 
         The server keeps the forward's graph for that backward, so it costs one forward pass.
         """
-        if loss_type_input != "logprobs":
-            raise InvalidInputError("loss_type_input", "only 'logprobs' is available over HTTP")
-        data = _checked_data(data)
+        check_custom_loss(
+            loss_fn,
+            loss_type_input,
+            available=("logprobs",),
+            why=" (only 'logprobs' is available over HTTP)",
+        )
+        data = checked_data(data)
         targets_only = [
             Datum(
                 model_input=d.model_input,
@@ -200,7 +225,9 @@ class HttpTransport:
             )
             for d in data
         ]
-        forward = self.forward_backward(run_id, targets_only, "cross_entropy", backward=False)
+        forward = self.forward_backward(
+            run_id, targets_only, "cross_entropy", backward=False, keep_graph=True
+        )
         out: Future = Future()
         self._pollers.submit(self._finish_custom, run_id, data, loss_fn, forward, out)
         return out
@@ -223,9 +250,7 @@ class HttpTransport:
             out.set_exception(error)
 
     def optim_step(self, run_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
-        if not isinstance(adam_params, AdamParams):
-            raise InvalidInputError("adam_params", f"expected AdamParams, got {adam_params!r}")
-        body = {"adam_params": adam_params.model_dump()}
+        body = {"adam_params": checked_adam_params(adam_params).model_dump()}
         return self._sequenced("optim_step", run_id, body, OptimStepResponse.model_validate)
 
     def save_state(
@@ -305,17 +330,6 @@ class HttpTransport:
 
 def _model_input(prompt: ModelInput | Sequence[int]) -> ModelInput:
     return prompt if isinstance(prompt, ModelInput) else ModelInput.from_ints(list(prompt))
-
-
-def _checked_data(data: Sequence[Datum]) -> list[Datum]:
-    if not isinstance(data, Sequence) or isinstance(data, str) or not data:
-        raise InvalidInputError("data", "expected a non-empty list of Datum")
-    for index, datum in enumerate(data):
-        if not isinstance(datum, Datum):
-            raise InvalidInputError(
-                f"data[{index}]", f"expected a Datum, got {type(datum).__name__}"
-            )
-    return list(data)
 
 
 @functools.lru_cache(maxsize=8)

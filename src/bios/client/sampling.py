@@ -14,15 +14,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from bios.client.futures import APIFuture
-from bios.engine.engine import Engine
-from bios.engine.sampling_sessions import SamplingSession
+from bios.client.transport import SamplingSessionHandle, Transport
 from bios.types import ModelInput, SampleResponse, SamplingParams
 
 
 class SamplingClient:
     """Samples from an immutable snapshot of weights (a LoRA adapter, full weights, the base)."""
 
-    def __init__(self, engine: Engine, session: SamplingSession) -> None:
+    def __init__(self, engine: Transport, session: SamplingSessionHandle) -> None:
         self._engine = engine
         self.sampling_session_id = session.session_id
         # The engine holds sessions weakly: this reference keeps the snapshot alive while the

@@ -13,12 +13,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bios.client.futures import APIFuture
-from bios.client.local import local_engine
 from bios.client.sampling import SamplingClient
-from bios.engine.engine import Engine
-from bios.engine.runs import CustomLossFn
+from bios.client.transport import LossFnSpec, Transport
 from bios.models.loading import DEFAULT_MODEL
-from bios.objectives import LossFn
+from bios.objectives.custom import CustomLossFn
 from bios.types import (
     AdamParams,
     Datum,
@@ -41,15 +39,23 @@ class ServiceClient:
         base_url: str | None = None,
         api_key: str | None = None,
         *,
-        engine: Engine | None = None,
+        engine: Transport | None = None,
     ) -> None:
-        """No arguments: the engine runs in this process. `base_url`: a `bios serve` server."""
+        """No arguments: the engine runs in this process. `base_url`: a `bios serve` server.
+
+        The transport's module is imported only when it is used, so an HTTP client never loads
+        the engine (nor torch's model code)."""
+        self._engine: Transport
         if base_url is not None:
             from bios.client.http import HttpTransport
 
             self._engine = HttpTransport(base_url, api_key)
+        elif engine is not None:
+            self._engine = engine
         else:
-            self._engine = engine if engine is not None else local_engine()
+            from bios.client.local import local_engine
+
+            self._engine = local_engine()
 
     def create_lora_training_client(
         self,
@@ -69,23 +75,29 @@ class ServiceClient:
             train_attn=train_attn,
             train_unembed=train_unembed,
         )
-        return TrainingClient(self._engine, self._engine.create_run(base_model, lora))
+        run_id = self._engine.create_run(base_model, lora, user_metadata=user_metadata)
+        return TrainingClient(self._engine, run_id)
 
-    def create_full_training_client(self, base_model: str = DEFAULT_MODEL) -> TrainingClient:
+    def create_full_training_client(
+        self, base_model: str = DEFAULT_MODEL, user_metadata: dict[str, str] | None = None
+    ) -> TrainingClient:
         """A full fine-tuning run: every weight of its own copy of the model is trained."""
-        return TrainingClient(self._engine, self._engine.create_run(base_model, None))
+        run_id = self._engine.create_run(base_model, None, user_metadata=user_metadata)
+        return TrainingClient(self._engine, run_id)
 
     def create_training_client_from_state(
         self, path: str, user_metadata: dict[str, str] | None = None
     ) -> TrainingClient:
         """A new run with the weights saved at `path`; the optimizer starts fresh."""
-        return TrainingClient(self._engine, self._engine.create_run_from_state(path, False))
+        run_id = self._engine.create_run_from_state(path, False, user_metadata=user_metadata)
+        return TrainingClient(self._engine, run_id)
 
     def create_training_client_from_state_with_optimizer(
         self, path: str, user_metadata: dict[str, str] | None = None
     ) -> TrainingClient:
         """A new run with the weights and the AdamW state saved at `path`."""
-        return TrainingClient(self._engine, self._engine.create_run_from_state(path, True))
+        run_id = self._engine.create_run_from_state(path, True, user_metadata=user_metadata)
+        return TrainingClient(self._engine, run_id)
 
     async def create_lora_training_client_async(self, *args: Any, **kwargs: Any) -> TrainingClient:
         return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
@@ -93,13 +105,17 @@ class ServiceClient:
     async def create_full_training_client_async(self, *args: Any, **kwargs: Any) -> TrainingClient:
         return await asyncio.to_thread(self.create_full_training_client, *args, **kwargs)
 
-    async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state, path)
+    async def create_training_client_from_state_async(
+        self, path: str, user_metadata: dict[str, str] | None = None
+    ) -> TrainingClient:
+        return await asyncio.to_thread(self.create_training_client_from_state, path, user_metadata)
 
     async def create_training_client_from_state_with_optimizer_async(
-        self, path: str
+        self, path: str, user_metadata: dict[str, str] | None = None
     ) -> TrainingClient:
-        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer, path)
+        return await asyncio.to_thread(
+            self.create_training_client_from_state_with_optimizer, path, user_metadata
+        )
 
     def create_sampling_client(
         self,
@@ -119,7 +135,7 @@ class ServiceClient:
 class TrainingClient:
     """One training run: forward/backward, optimizer steps, checkpoints."""
 
-    def __init__(self, engine: Engine, model_id: str) -> None:
+    def __init__(self, engine: Transport, model_id: str) -> None:
         self._engine = engine
         self.model_id = model_id
 
@@ -128,7 +144,7 @@ class TrainingClient:
     def forward(
         self,
         data: Sequence[Datum],
-        loss_fn: LossFn,
+        loss_fn: LossFnSpec,
         loss_fn_config: Mapping[str, float] | None = None,
         *,
         reference: str | None = None,
@@ -143,7 +159,7 @@ class TrainingClient:
     def forward_backward(
         self,
         data: Sequence[Datum],
-        loss_fn: LossFn,
+        loss_fn: LossFnSpec,
         loss_fn_config: Mapping[str, float] | None = None,
         *,
         reference: str | None = None,

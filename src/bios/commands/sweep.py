@@ -16,7 +16,7 @@ from bios.recipes.config import fields, from_mapping
 from bios.recipes.sft import SFTConfig
 
 if TYPE_CHECKING:
-    from bios.recipes.sweep import SweepResult
+    from bios.recipes.sweep_report import SweepResult
 
 
 def add(commands: argparse._SubParsersAction) -> None:
@@ -80,7 +80,7 @@ def show(result: SweepResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from bios.recipes.sweep import TABLE_HEAD, table_rows, value_text
+    from bios.recipes.sweep_report import TABLE_HEAD, table_rows, value_text
 
     # The value is the LR itself in an LR sweep: no second LR column.
     keep = [i for i, head in enumerate(TABLE_HEAD) if not (result.setting == "lr" and head == "LR")]

@@ -10,6 +10,7 @@ and sends every request to all ranks, which execute it in step on their share of
     ops.py       the ops (runs, steps, state, sessions)
     sampling.py  samples split across ranks and merged in order
     leader.py    DistributedEngine and LeaderRun, rank 0's side
+    process.py   process_engine(): this process's engine, decided once (which rank am I)
 
 Start a job with `bios launch` / `bios serve --nproc-per-node N`, or plain `torchrun -m
 bios.launch script.py` (docs/distributed.md).
@@ -17,34 +18,14 @@ bios.launch script.py` (docs/distributed.md).
 
 from __future__ import annotations
 
-import sys
-
 from bios.distributed.group import DistributedError, Group, env_world_size
+from bios.distributed.process import process_engine, shutdown_process_engine, spans_ranks
 
-
-def follow(group: Group) -> int:
-    """Run rank 0's commands until it stops (a rank > 0's whole life); the exit status."""
-    from bios.distributed import ops, sampling  # noqa: F401  (they register the ops)
-    from bios.distributed.protocol import follow as follow_commands
-
-    return follow_commands(group)
-
-
-def leader_engine(group: Group, home=None):
-    from bios.distributed.leader import DistributedEngine
-
-    return DistributedEngine(home=home, group=group)
-
-
-def engine_for_this_process(engine_class):
-    """`Engine.default()`: a plain engine in one process; under torchrun with several ranks a
-    DistributedEngine on rank 0, while every other rank follows rank 0 here and exits after."""
-    if env_world_size() <= 1:
-        return engine_class()
-    group = Group()
-    if group.is_leader:
-        return leader_engine(group)
-    sys.exit(follow(group))
-
-
-__all__ = ["DistributedError", "Group", "engine_for_this_process", "follow", "leader_engine"]
+__all__ = [
+    "DistributedError",
+    "Group",
+    "env_world_size",
+    "process_engine",
+    "shutdown_process_engine",
+    "spans_ranks",
+]

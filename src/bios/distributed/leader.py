@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import nn
+
 from bios.distributed import ops
 from bios.distributed.group import Group
 from bios.distributed.protocol import Replica, call, start_heartbeat, stop_followers
@@ -28,7 +30,7 @@ from bios.distributed.step import (
 )
 from bios.engine.batch import PackedBatch
 from bios.engine.engine import Engine
-from bios.engine.runs import TrainingRun
+from bios.engine.runs import Run, TrainingRun
 from bios.engine.sampling_sessions import SamplingSession
 from bios.engine.worker import ModelWorker
 from bios.errors import NotFoundError
@@ -38,17 +40,51 @@ from bios.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, Opt
 
 
 class LeaderRun:
-    """Rank 0's handle on a run held by every rank; reads fall through to rank 0's own copy."""
+    """Rank 0's handle on a run held by every rank (`bios.engine.runs.Run`): requests go to every
+    rank; what the run is (its id, settings, weights) is read from rank 0's own copy."""
 
     def __init__(self, replica: Replica, local: TrainingRun) -> None:
         self.replica = replica
         self.local = local
         self.dropped = False
 
-    def __getattr__(self, name: str):
-        if name == "local":  # not set yet (copying, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.local, name)
+    # ---- what the run is: rank 0's copy -------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return self.local.run_id
+
+    @property
+    def base_model(self) -> str:
+        return self.local.base_model
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        return self.local.lora
+
+    @property
+    def user_metadata(self) -> dict[str, str]:
+        return self.local.user_metadata
+
+    @user_metadata.setter
+    def user_metadata(self, value: dict[str, str]) -> None:
+        self.local.user_metadata = value
+
+    @property
+    def is_lora(self) -> bool:
+        return self.local.is_lora
+
+    @property
+    def adapter(self) -> LoRAAdapter | None:
+        return self.local.adapter
+
+    @property
+    def full_model(self) -> nn.Module | None:
+        return self.local.full_model
+
+    @property
+    def steps(self) -> int:
+        return self.local.steps
 
     def _call(self, name: str, header=None, shards=None, local=None):
         with self.replica.group.lock:
@@ -171,25 +207,31 @@ class DistributedEngine(Engine):
 
     def _new_run(
         self, worker: ModelWorker, run_id: str, base_model: str, lora: LoraConfig | None
-    ) -> TrainingRun:
+    ) -> LeaderRun:
         local = worker.submit(call, self.replica, "create_run", (run_id, base_model, lora)).result()
-        return LeaderRun(self.replica, local)  # type: ignore[return-value]
+        return LeaderRun(self.replica, local)
+
+    def leader_run(self, run_id: str) -> LeaderRun:
+        run = self.run(run_id)
+        assert isinstance(run, LeaderRun), "every run of a DistributedEngine is a LeaderRun"
+        return run
 
     def drop_run(self, run_id: str) -> None:
-        run = self.run(run_id)
+        run = self.leader_run(run_id)
         super().drop_run(run_id)
         with self.group.lock:
-            run.dropped = True  # type: ignore[attr-defined]
+            run.dropped = True
             call(self.replica, "drop_run", run_id)
 
     def replica_fingerprints(self, run_id: str) -> list[str]:
-        run = self.run(run_id)
-        return self.worker_of(run_id).submit(run.replica_fingerprints, lane=run_id).result()  # type: ignore[attr-defined]
+        run = self.leader_run(run_id)
+        return self.worker_of(run_id).submit(run.replica_fingerprints, lane=run_id).result()
 
     # ---- sampling sessions: the same weights on every rank -------------------------------------
 
-    def _session_of_run(self, worker: ModelWorker, run: TrainingRun) -> SamplingSession:
-        return run.snapshot(worker)  # type: ignore[attr-defined]
+    def _session_of_run(self, worker: ModelWorker, run: Run) -> SamplingSession:
+        assert isinstance(run, LeaderRun), "every run of a DistributedEngine is a LeaderRun"
+        return run.snapshot(worker)
 
     def _session_of_checkpoint(self, folder: Path) -> SamplingSession:
         session = DistributedSamplingSession.of_checkpoint(folder, self.worker)

@@ -14,7 +14,7 @@ from bios.distributed.protocol import Replica, op
 from bios.distributed.runs import ReplicatedRun, ShardedFullRun
 from bios.distributed.step import Shard, StepHeader, distributed_step
 from bios.engine.runs import TrainingRun
-from bios.engine.sampling_sessions import SamplingSession, _frozen
+from bios.engine.sampling_sessions import SamplingSession, frozen_copy
 from bios.models.loading import load_model
 from bios.models.lora import LoRAAdapter
 
@@ -140,7 +140,7 @@ def _snapshot(replica: Replica, header, shard: None, local) -> SamplingSession:
     if isinstance(run, ShardedFullRun):
         session = session_class(worker, run.base_model, full_model=run.full_weights())
     else:
-        session = session_class(worker, run.base_model, adapter=_frozen(run.adapter))
+        session = session_class(worker, run.base_model, adapter=frozen_copy(run.adapter))
     if local is None:
         replica.sessions[session_id] = session
     return session

@@ -31,15 +31,11 @@ import torch
 from bios.distributed.group import Group
 from bios.distributed.protocol import RaisedInStep
 from bios.engine.batch import PackedBatch
-from bios.engine.runs import (
-    _output,
-    batch_logits,
-    checked_custom_result,
-    gather_logprobs,
-)
+from bios.engine.runs import batch_logits, forward_output, gather_logprobs
 from bios.errors import InvalidInputError
 from bios.models.lora import LoRAAdapter
 from bios.objectives import REF_LOGPROBS, Objective
+from bios.objectives.custom import checked_custom_result
 from bios.types import Datum, ForwardBackwardOutput
 
 
@@ -212,7 +208,7 @@ class ObjectiveEvaluation:
             grad = None
             if self.backward and loss.requires_grad:
                 (grad,) = torch.autograd.grad(loss, logprobs, allow_unused=True)
-        self.output = _output(self.batch, logprobs, loss, metrics)
+        self.output = forward_output(self.batch, logprobs, loss, metrics)
         return [[g] for g in _split(grad, logprobs, counts)]
 
 
@@ -233,6 +229,6 @@ class CustomEvaluation:
             result = self.loss_fn(list(self.data), self.batch.split(given_leaf))
             loss, metrics = checked_custom_result(result)
             (grad,) = torch.autograd.grad(loss, given_leaf, allow_unused=True)
-        self.output = _output(self.batch, logprobs, loss, metrics)
+        self.output = forward_output(self.batch, logprobs, loss, metrics)
         grads = _split(grad, given_leaf, counts)
         return [[g, None] for g in grads] if logits_mode else [[g] for g in grads]

@@ -14,7 +14,7 @@ import torch
 
 from bios.errors import InvalidInputError
 from bios.objectives import DATUM_INDEX, LossFn, Objective, get_objective
-from bios.types import Datum, TensorData
+from bios.types import Datum, TensorData, checked_data
 
 _INT_KEYS = {"target_tokens"}
 
@@ -137,13 +137,7 @@ def _check_keys(where: str, given: Mapping[str, TensorData], objective: Objectiv
 
 
 def _check_shape_of_batch(data: Sequence[Datum], objective: Objective | None) -> None:
-    if not isinstance(data, Sequence) or isinstance(data, str) or len(data) == 0:
-        raise InvalidInputError("data", "expected a non-empty list of Datum")
-    for index, datum in enumerate(data):
-        if not isinstance(datum, Datum):
-            raise InvalidInputError(
-                f"data[{index}]", f"expected a Datum, got {type(datum).__name__}"
-            )
+    checked_data(data)
     if objective is not None and objective.pairs and len(data) % 2:
         raise InvalidInputError(
             "data",

@@ -18,7 +18,7 @@ from bios.checkpoints.layout import read_state
 from bios.checkpoints.paths import CheckpointPath, check_name, check_run_id, checkpoint_folder
 from bios.engine.batch import pack_batch, resolve_config, resolve_objective
 from bios.engine.kept_graph import KEEP_SECONDS
-from bios.engine.runs import CUSTOM_INPUT_TYPES, CustomLossFn, TrainingRun
+from bios.engine.runs import Run, TrainingRun
 from bios.engine.sampling_sessions import SamplingSession
 from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError, NotFoundError
@@ -26,6 +26,7 @@ from bios.fsutil import atomic_folder
 from bios.models.loading import bios_home, load_model, resolve_model_path
 from bios.models.lora import LoRAAdapter
 from bios.objectives import LossFn
+from bios.objectives.custom import CustomLossFn, check_custom_loss
 from bios.types import (
     AdamParams,
     Datum,
@@ -34,14 +35,19 @@ from bios.types import (
     LoraConfig,
     ModelData,
     OptimStepResponse,
+    checked_adam_params,
 )
+
+
+def check_lora_config(lora: LoraConfig | None, field: str = "rank") -> None:
+    """The rule on a new run's LoRA settings; `field` names the rank as the caller's input does
+    (the server's is `lora_config.rank`)."""
+    if lora is not None and lora.rank <= 0:
+        raise InvalidInputError(field, f"expected a positive integer, got {lora.rank}")
 
 
 class Engine:
     """Holds one worker per base model and routes each run's requests to it."""
-
-    _default: Engine | None = None
-    _default_lock = threading.Lock()
 
     def __init__(self, home: Path | None = None) -> None:
         self.home = Path(home) if home is not None else bios_home()
@@ -53,18 +59,6 @@ class Engine:
             weakref.WeakValueDictionary()
         )
         self._lock = threading.Lock()
-
-    @classmethod
-    def default(cls) -> Engine:
-        """The process-wide engine used by `ServiceClient()`, so runs share base weights."""
-        with cls._default_lock:
-            if cls._default is None:
-                # Under torchrun with several ranks: a DistributedEngine on rank 0, and on the
-                # other ranks a follower loop that never returns (bios.distributed).
-                from bios.distributed import engine_for_this_process
-
-                cls._default = engine_for_this_process(cls)
-            return cls._default
 
     # ---- models and runs ----------------------------------------------------------------------
 
@@ -80,22 +74,27 @@ class Engine:
                 self._workers[key] = ModelWorker(load_model(base_model))
             return self._workers[key]
 
-    def run(self, run_id: str) -> TrainingRun:
+    def run(self, run_id: str) -> Run:
         worker = self._run_workers.get(run_id)
         if worker is None:
             raise NotFoundError(f"model_id: no training run {run_id!r}")
         return worker.runs[run_id]
 
     def create_run(
-        self, base_model: str, lora: LoraConfig | None, run_id: str | None = None
+        self,
+        base_model: str,
+        lora: LoraConfig | None,
+        run_id: str | None = None,
+        *,
+        user_metadata: Mapping[str, str] | None = None,
     ) -> str:
         """A new LoRA run (`lora` given) or full fine-tuning run on `base_model`.
 
         `run_id` is chosen by the engine unless the caller (the server, which derives Tinker's
-        `<session>:train:<n>` ids) names it.
+        `<session>:train:<n>` ids) names it. `user_metadata` is kept with the run
+        (`TrainingRun.user_metadata`).
         """
-        if lora is not None and lora.rank <= 0:
-            raise InvalidInputError("rank", f"expected a positive integer, got {lora.rank}")
+        check_lora_config(lora)
         if run_id is not None:
             check_run_id(run_id, "model_id")
             if run_id in self._run_workers:
@@ -103,6 +102,7 @@ class Engine:
         worker = self.worker(base_model)
         run_id = run_id or uuid.uuid4().hex[:16]
         run = self._new_run(worker, run_id, base_model, lora)
+        run.user_metadata = dict(user_metadata or {})
         with self._lock:
             worker.runs[run_id] = run
             self._run_workers[run_id] = worker
@@ -110,7 +110,7 @@ class Engine:
 
     def _new_run(
         self, worker: ModelWorker, run_id: str, base_model: str, lora: LoraConfig | None
-    ) -> TrainingRun:
+    ) -> Run:
         full_model = None if lora is not None else load_model(base_model).model
         # Built on the worker thread: it reads the shared model, which other runs may be using.
         return worker.submit(
@@ -118,12 +118,19 @@ class Engine:
         ).result()
 
     def create_run_from_state(
-        self, path: str, with_optimizer: bool, run_id: str | None = None
+        self,
+        path: str,
+        with_optimizer: bool,
+        run_id: str | None = None,
+        *,
+        user_metadata: Mapping[str, str] | None = None,
     ) -> str:
         """A new run with the settings, weights (and optionally optimizer) of a saved state."""
         folder = checkpoint_folder(self.home, path)
         saved = read_state(folder)
-        run_id = self.create_run(saved.base_model, saved.lora_config(), run_id)
+        run_id = self.create_run(
+            saved.base_model, saved.lora_config(), run_id, user_metadata=user_metadata
+        )
         try:
             self.load_state(run_id, path, with_optimizer).result()
         except BaseException:
@@ -207,18 +214,13 @@ class Engine:
     ) -> Future[ForwardBackwardOutput]:
         """A user's loss of per-datum logprobs (or logits), on the live graph of one forward."""
         run, worker = self.run(run_id), self._run_workers[run_id]
-        if not callable(loss_fn):
-            raise InvalidInputError("loss_fn", f"expected a callable, got {loss_fn!r}")
-        if loss_type_input not in CUSTOM_INPUT_TYPES:
-            raise InvalidInputError(
-                "loss_type_input", f"expected one of {CUSTOM_INPUT_TYPES}, got {loss_type_input!r}"
-            )
+        check_custom_loss(loss_fn, loss_type_input)
         batch = pack_batch(data, None, worker.vocab_size, worker.max_length)
         return worker.submit(
             run.forward_backward_custom, batch, data, loss_fn, loss_type_input, lane=run_id
         )
 
-    def _reference_adapter(self, run: TrainingRun, reference: str | None) -> LoRAAdapter | None:
+    def _reference_adapter(self, run: Run, reference: str | None) -> LoRAAdapter | None:
         """The frozen reference policy: None (the base model) or a saved LoRA adapter.
 
         Both share the base weights: a reference costs one adapter, not a second model. Loaded
@@ -246,8 +248,7 @@ class Engine:
 
     def optim_step(self, run_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
         run = self.run(run_id)
-        if not isinstance(adam_params, AdamParams):
-            raise InvalidInputError("adam_params", f"expected AdamParams, got {adam_params!r}")
+        checked_adam_params(adam_params)
         return self._run_workers[run_id].submit(run.optim_step, adam_params, lane=run_id)
 
     def save_state(
@@ -318,11 +319,8 @@ class Engine:
         bad = [t for t in tokens if not 0 <= t < worker.vocab_size]
         if bad:
             raise InvalidInputError("prompt", f"token id {bad[0]} is outside the vocabulary")
-        eos = worker.loaded.model.generation_config.eos_token_id
-        stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if worker.loaded.tokenizer.eos_token_id is not None:
-            stop_ids.append(worker.loaded.tokenizer.eos_token_id)
-        return worker.submit(run.generate, tokens, max_tokens, sorted(set(stop_ids)), lane=run_id)
+        stop_ids = list(worker.loaded.eos_token_ids())
+        return worker.submit(run.generate, tokens, max_tokens, stop_ids, lane=run_id)
 
     # ---- sampling (bios.engine.sampling_sessions) -------------------------------------------
 
@@ -358,7 +356,7 @@ class Engine:
 
     # Where sessions come from (a DistributedEngine builds the same on every rank).
 
-    def _session_of_run(self, worker: ModelWorker, run: TrainingRun) -> SamplingSession:
+    def _session_of_run(self, worker: ModelWorker, run: Run) -> SamplingSession:
         return SamplingSession.of_run(worker, run)
 
     def _session_of_checkpoint(self, folder: Path) -> SamplingSession:

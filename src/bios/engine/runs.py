@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from bios.engine.kept_graph import KeptForward
 from bios.errors import InvalidInputError
 from bios.models.lora import AdapterHost, LoRAAdapter
 from bios.objectives import REF_LOGPROBS, Objective
+from bios.objectives.custom import CustomLossFn, checked_custom_result
 from bios.types import (
     AdamParams,
     Datum,
@@ -42,10 +44,6 @@ from bios.types import (
 )
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "step")
-
-
-CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-CUSTOM_INPUT_TYPES = ("logprobs", "logits")
 
 
 def batch_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
@@ -63,29 +61,59 @@ def target_logprobs(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     return gather_logprobs(batch_logits(model, batch), batch)
 
 
-def checked_custom_result(result: object) -> tuple[torch.Tensor, dict[str, float]]:
-    """The (loss, metrics) a custom loss returned, or an error saying what is wrong with it."""
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise InvalidInputError(
-            "loss_fn", f"must return (loss, metrics), got {type(result).__name__}"
-        )
-    loss, metrics = result
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise InvalidInputError("loss_fn", f"returned loss {shape}; expected a scalar tensor")
-    if not torch.isfinite(loss.detach()).all():
-        raise InvalidInputError("loss_fn", f"returned a non-finite loss ({loss.item()})")
-    if loss.grad_fn is None:
-        raise InvalidInputError(
-            "loss_fn", "returned a loss not computed from the logprobs it was given (no gradient)"
-        )
-    if not isinstance(metrics, dict):
-        raise InvalidInputError("loss_fn", f"metrics must be a dict, got {type(metrics).__name__}")
-    try:
-        metrics = {str(k): float(v) for k, v in metrics.items()}
-    except (TypeError, ValueError) as error:
-        raise InvalidInputError("loss_fn", f"metrics values must be numbers ({error})") from None
-    return loss.reshape(()), metrics
+class Run(Protocol):
+    """What the engine, its workers and sampling sessions ask of a run: `TrainingRun` in one
+    process, `bios.distributed.leader.LeaderRun` (rank 0's handle on a run every rank holds).
+
+    Every method runs on the base model's worker thread, in the run's request order.
+    """
+
+    run_id: str
+    base_model: str
+    lora: LoraConfig | None
+    user_metadata: dict[str, str]
+
+    @property
+    def is_lora(self) -> bool: ...
+
+    @property
+    def adapter(self) -> LoRAAdapter | None:
+        """The trainable adapter (LoRA runs), or None."""
+        ...
+
+    @property
+    def full_model(self) -> nn.Module | None:
+        """The run's own copy of the model (full fine-tuning), or None."""
+        ...
+
+    @property
+    def steps(self) -> int: ...
+
+    def forward_backward(
+        self,
+        batch: PackedBatch,
+        objective: Objective,
+        config: dict[str, float],
+        backward: bool,
+        reference: LoRAAdapter | None = None,
+        keep_graph: bool = False,
+    ) -> ForwardBackwardOutput: ...
+
+    def forward_backward_custom(
+        self, batch: PackedBatch, data: Sequence[Datum], loss_fn: CustomLossFn, input_type: str
+    ) -> ForwardBackwardOutput: ...
+
+    def drop_expired_graph(self) -> None: ...
+
+    def optim_step(self, params: AdamParams) -> OptimStepResponse: ...
+
+    def save(self, folder: Path, with_optimizer: bool) -> None: ...
+
+    def load(self, folder: Path, with_optimizer: bool) -> None: ...
+
+    def fingerprint(self) -> str: ...
+
+    def generate(self, tokens: list[int], max_tokens: int, stop_ids: list[int]) -> list[int]: ...
 
 
 class TrainingRun:
@@ -102,6 +130,7 @@ class TrainingRun:
         self.run_id = run_id
         self.base_model = base_model
         self.lora = lora
+        self.user_metadata: dict[str, str] = {}  # the creator's labels, kept with the run
         self._host = host
         self.adapter = LoRAAdapter.for_model(host.model, lora) if lora is not None else None
         self.full_model = full_model
@@ -164,7 +193,7 @@ class TrainingRun:
                 loss.backward()
         if keep_graph and not backward:
             self.kept = KeptForward.of(batch, logprobs, self.weights_version)
-        return _output(batch, logprobs, loss, metrics)
+        return forward_output(batch, logprobs, loss, metrics)
 
     def drop_expired_graph(self) -> None:
         if self.kept is not None and time.monotonic() >= self.kept.expires:
@@ -187,7 +216,7 @@ class TrainingRun:
             del logits  # (B, T, vocab): not held through the user's function and the backward
             loss, metrics = checked_custom_result(loss_fn(list(data), given))
             loss.backward()
-        return _output(batch, logprobs, loss, metrics)
+        return forward_output(batch, logprobs, loss, metrics)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: PackedBatch, adapter: LoRAAdapter | None) -> torch.Tensor:
@@ -361,9 +390,10 @@ class TrainingRun:
         return output[0, len(tokens) :].tolist()
 
 
-def _output(
+def forward_output(
     batch: PackedBatch, logprobs: torch.Tensor, loss: torch.Tensor, metrics: dict[str, float]
 ) -> ForwardBackwardOutput:
+    """A forward's result: each datum's target logprobs and the metrics, `loss:sum` first."""
     outputs = [{"logprobs": TensorData.from_torch(p)} for p in batch.split(logprobs.detach())]
     return ForwardBackwardOutput(
         loss_fn_outputs=outputs, metrics={"loss:sum": float(loss.detach()), **metrics}

@@ -34,24 +34,15 @@ from torch import nn
 
 from bios.checkpoints.layout import FULL_WEIGHTS_FILE, has_adapter, has_full_weights, read_state
 from bios.engine.decoding import SampleRequest, SampleSettings, generate, prompt_logprobs
-from bios.engine.runs import TrainingRun
+from bios.engine.runs import Run
 from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError
-from bios.models.loading import LoadedModel, load_model
+from bios.models.loading import load_model
 from bios.models.lora import LoRAAdapter, find_targets
 from bios.types import ModelInput, SampleResponse, SamplingParams
 
 
-def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
-    """The tokens that always end a sample: the generation config's EOS ids and the tokenizer's."""
-    eos = loaded.model.generation_config.eos_token_id
-    ids = {eos} if isinstance(eos, int) else set(eos or [])
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(loaded.tokenizer.eos_token_id)
-    return tuple(sorted(ids))
-
-
-def _frozen(module: nn.Module) -> nn.Module:
+def frozen_copy(module: nn.Module) -> nn.Module:
     """A detached copy with no gradients, for a snapshot that later training cannot change."""
     clone = copy.deepcopy(module)
     for param in clone.parameters():
@@ -78,18 +69,18 @@ class SamplingSession:
         self.base_model = base_model
         self._adapter = adapter
         self._full_model = full_model
-        self.eos_ids = eos_token_ids(worker.loaded)
+        self.eos_ids = worker.loaded.eos_token_ids()
         self._pending: list[tuple[SampleRequest, Future]] = []
         self._lock = threading.Lock()
         self.batch_sizes: deque[int] = deque(maxlen=256)  # requests per decode batch, latest last
 
     @classmethod
-    def of_run(cls, worker: ModelWorker, run: TrainingRun) -> SamplingSession:
+    def of_run(cls, worker: ModelWorker, run: Run) -> SamplingSession:
         """A snapshot of a run's current weights; call it on the worker thread, in request order."""
         if run.adapter is not None:
-            return cls(worker, run.base_model, adapter=_frozen(run.adapter))
+            return cls(worker, run.base_model, adapter=frozen_copy(run.adapter))
         assert run.full_model is not None
-        return cls(worker, run.base_model, full_model=_frozen(run.full_model))
+        return cls(worker, run.base_model, full_model=frozen_copy(run.full_model))
 
     @classmethod
     def of_checkpoint(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from bios.engine.runs import TrainingRun
+from bios.engine.runs import Run
 from bios.models.loading import LoadedModel
 from bios.models.lora import AdapterHost
 
@@ -30,7 +30,7 @@ class ModelWorker:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.host = AdapterHost(loaded.model)
-        self.runs: dict[str, TrainingRun] = {}
+        self.runs: dict[str, Run] = {}
         self._lanes: OrderedDict[str, deque[_Item]] = OrderedDict()
         self._ready = threading.Condition()
         self._stopping = False
@@ -54,10 +54,6 @@ class ModelWorker:
             self._lanes.setdefault(lane, deque()).append((fn, args, future))
             self._ready.notify()
         return future
-
-    def pending(self) -> int:
-        with self._ready:
-            return sum(len(lane) for lane in self._lanes.values())
 
     def _next(self) -> _Item | None:
         """The first item of the lane whose turn it is; that lane then goes to the back."""

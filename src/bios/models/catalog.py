@@ -6,6 +6,8 @@ they live in a table instead of being read from a config at run time. Values are
 `config.json` ones: `hidden_size`, `num_hidden_layers`, `max_position_embeddings`; `num_params`
 counts every distinct parameter once (tied embeddings once, all experts of an MoE model).
 
+`model_spec` finds a model's spec: the table by name, else its `config.json` (no weights loaded).
+
 The layer shapes (`intermediate_size`, attention heads, `head_dim`, `vocab_size`, experts) are
 there for LoRA parameter counts (`bios.hparams.lora_param_count`); with them every row's
 `num_params` is reproduced exactly (checked in `tests/test_hparams.py`).
@@ -13,7 +15,8 @@ there for LoRA parameter counts (`bios.hparams.lora_param_count`); with them eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "qwen3", "smollm2")
@@ -159,3 +162,45 @@ def spec_from_config(name: str, config: Any, num_params: int) -> ModelSpec:
         num_layers=int(text.num_hidden_layers),
         context_length=int(getattr(text, "max_position_embeddings", 0) or 0),
     )
+
+
+def model_spec(model: str | os.PathLike[str] | ModelSpec) -> ModelSpec | None:
+    """What Bios can learn about `model` without loading weights; None when nothing is known.
+
+    Order: a `ModelSpec` as given; the catalog by name (`lookup`); otherwise the model's
+    `config.json` through transformers' `AutoConfig` with `local_files_only=True` (a local folder
+    or a hub id in the local cache; nested `text_config`s included). A spec read from a config has
+    `num_params=0` (not counted) and its family is the `model_type` when it is none of Bios's four.
+    """
+    if isinstance(model, ModelSpec):
+        return model
+    name = os.fspath(model)
+    spec = lookup(name)
+    if spec is not None:
+        return spec
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+    except Exception:  # not a folder, not cached, not a transformers config: nothing known
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "hidden_size", None) is None:
+        return None
+    return replace(spec_from_config(name, config, 0), **_layer_shapes(text))
+
+
+def _layer_shapes(text: Any) -> dict[str, int | None]:
+    """The ModelSpec shape fields read from a (text) transformers config."""
+    heads = getattr(text, "num_attention_heads", None)
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0
+    inter = getattr(text, "moe_intermediate_size", None) if experts else None
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    return {
+        "intermediate_size": inter or getattr(text, "intermediate_size", None),
+        "num_heads": heads,
+        "num_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "vocab_size": getattr(text, "vocab_size", None),
+        "num_experts": int(experts),
+    }

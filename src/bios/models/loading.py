@@ -222,6 +222,15 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     spec: ModelSpec
 
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The tokens that always end a sample or a greedy continuation: the generation
+        config's end-of-sequence ids and the tokenizer's."""
+        eos = self.model.generation_config.eos_token_id
+        ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
 
 def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Resolve `name` and load it frozen (eval mode, no grads): the shared base of a worker.

@@ -17,13 +17,12 @@ from bios.objectives.base import (
     sequence_sums,
 )
 from bios.objectives.combination import combine
-from bios.objectives.policy import cispo, dro, importance_sampling, ppo
+from bios.objectives.policy import CLIP_DEFAULTS, cispo, dro, importance_sampling, ppo
 from bios.objectives.preference import dpo, dpo_hinge, ipo
 from bios.objectives.regularizers import ESTIMATORS, kl
 from bios.objectives.supervised import cross_entropy
 
-_CLIP = ("clip_low_threshold", "clip_high_threshold")
-_CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+_CLIP = tuple(CLIP_DEFAULTS)
 _POSITIVE = (lambda value: value > 0, "a positive number")
 _BETA = {"beta": _POSITIVE}
 
@@ -49,8 +48,8 @@ OBJECTIVES: dict[str, Objective] = {
     for objective in (
         Objective("cross_entropy", cross_entropy, required_inputs=("weights",)),
         Objective("importance_sampling", importance_sampling, ("logprobs", "advantages")),
-        Objective("ppo", ppo, ("logprobs", "advantages"), _CLIP, config=_CLIP_DEFAULTS),
-        Objective("cispo", cispo, ("logprobs", "advantages"), _CLIP, config=_CLIP_DEFAULTS),
+        Objective("ppo", ppo, ("logprobs", "advantages"), _CLIP, config=CLIP_DEFAULTS),
+        Objective("cispo", cispo, ("logprobs", "advantages"), _CLIP, config=CLIP_DEFAULTS),
         Objective(
             "dro", dro, ("logprobs", "advantages"), config={"beta": None}, config_checks=_BETA
         ),

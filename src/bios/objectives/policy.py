@@ -11,15 +11,20 @@ import torch
 
 from bios.objectives.base import Inputs, LossOutput
 
+# PPO's and CISPO's clip range [lo, hi] when neither the data nor the config gives one.
+CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+
 
 def _ratio(logprobs: torch.Tensor, inputs: Inputs) -> torch.Tensor:
     return torch.exp(logprobs - inputs["logprobs"])
 
 
-def _clip_bounds(inputs: Inputs, config: dict[str, float], low: float, high: float):
-    """Per-token thresholds from `loss_fn_inputs` win over scalars from `loss_fn_config`."""
-    lo = inputs.get("clip_low_threshold", config.get("clip_low_threshold", low))
-    hi = inputs.get("clip_high_threshold", config.get("clip_high_threshold", high))
+def _clip_bounds(inputs: Inputs, config: dict[str, float]):
+    """Per-token thresholds from `loss_fn_inputs` win over scalars from `loss_fn_config`, which
+    win over `CLIP_DEFAULTS`."""
+    bounds = {**CLIP_DEFAULTS, **config}
+    lo = inputs.get("clip_low_threshold", bounds["clip_low_threshold"])
+    hi = inputs.get("clip_high_threshold", bounds["clip_high_threshold"])
     return lo, hi
 
 
@@ -45,7 +50,7 @@ def ppo(logprobs: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> Los
     """
     ratio = _ratio(logprobs, inputs)
     advantages = inputs["advantages"]
-    lo, hi = _clip_bounds(inputs, config, 0.8, 1.2)
+    lo, hi = _clip_bounds(inputs, config)
     clipped = _clamp(ratio, lo, hi)
     loss = -torch.minimum(ratio * advantages, clipped * advantages).sum()
     with torch.no_grad():
@@ -62,7 +67,7 @@ def cispo(logprobs: torch.Tensor, inputs: Inputs, config: dict[str, float]) -> L
 
     The clipped ratio is a constant weight (stop-gradient), so every token keeps a gradient.
     """
-    lo, hi = _clip_bounds(inputs, config, 0.8, 1.2)
+    lo, hi = _clip_bounds(inputs, config)
     weight = _clamp(_ratio(logprobs, inputs), lo, hi).detach()
     loss = -(weight * logprobs * inputs["advantages"]).sum()
     return loss, {}

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass
@@ -25,7 +24,6 @@ class Entry:
     model_id: str | None
     tenant: str | None
     created: float = field(default_factory=time.monotonic)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class FutureTable:
@@ -36,15 +34,10 @@ class FutureTable:
         self.on_done: Callable[[str, Entry], None] | None = None
 
     def add(
-        self,
-        future: Future,
-        kind: str,
-        model_id: str | None = None,
-        tenant: str | None = None,
-        **extra: Any,
+        self, future: Future, kind: str, model_id: str | None = None, tenant: str | None = None
     ) -> str:
         request_id = f"req-{uuid.uuid4().hex}"
-        entry = Entry(future, kind, model_id, tenant, extra=extra)
+        entry = Entry(future, kind, model_id, tenant)
         with self._lock:
             self._forget_old()
             self._entries[request_id] = entry
@@ -52,11 +45,6 @@ class FutureTable:
             callback = self.on_done
             future.add_done_callback(lambda _: callback(request_id, entry))
         return request_id
-
-    def failed(self, error: BaseException, kind: str, **kwargs: Any) -> str:
-        future: Future = Future()
-        future.set_exception(error)
-        return self.add(future, kind, **kwargs)
 
     def get(self, request_id: str) -> Entry | None:
         with self._lock:
@@ -73,10 +61,6 @@ class FutureTable:
         except Exception:  # a failed future is finished too
             return True
         return True
-
-    def pending_count(self) -> int:
-        with self._lock:
-            return sum(not e.future.done() for e in self._entries.values())
 
     def _forget_old(self) -> None:
         horizon = time.monotonic() - self.keep_seconds

@@ -23,7 +23,7 @@ from bios.diagnostics import diagnose
 from bios.errors import InvalidInputError
 from bios.hparams import DatasetStats, get_lr, recommend
 from bios.server.auth import Tenant
-from bios.server.state import ServerState
+from bios.server.state import State
 from bios.server.wire import Body
 
 
@@ -31,38 +31,40 @@ class DiagnoseBody(Body):
     records: list[dict[str, Any]]
 
 
-def add_routes(api: APIRouter, state: ServerState) -> None:
-    @api.get("/bios/hparams")
-    def hparams(
-        model: str, lora: bool = True, examples: int | None = None, completion_tokens: int = 0
-    ) -> dict:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            answer: dict[str, Any] = {"model": model, "learning_rate": get_lr(model, lora=lora)}
-            if examples is not None:
-                if examples <= 0 or completion_tokens < 0:
-                    raise InvalidInputError(
-                        "examples", "expected examples > 0, completion_tokens >= 0"
-                    )
-                stats = DatasetStats(num_examples=examples, completion_tokens=completion_tokens)
-                answer["recommendation"] = dataclasses.asdict(recommend(model, stats, lora=lora))
-        answer["warnings"] = [str(w.message) for w in caught]
-        return answer
+router = APIRouter()
 
-    @api.get("/bios/runs/{model_id}/fingerprint")
-    def fingerprint(model_id: str, tenant: Tenant) -> dict:
-        """A hash of the run's weights, gradients and optimizer state, taken after every request
-        queued before it: equal before and after a request means it changed nothing."""
-        state.live_run(model_id, tenant)
-        run = state.engine.run(model_id)
-        worker_future = state.engine.worker_of(model_id).submit(run.fingerprint, lane=model_id)
-        return {"model_id": model_id, "fingerprint": worker_future.result()}
 
-    @api.post("/bios/diagnose")
-    def diagnose_records(body: DiagnoseBody) -> dict:
-        findings = [dataclasses.asdict(f) for f in diagnose(body.records)]
-        for finding in findings:  # JSON has no NaN or infinity: say it in words
-            finding["evidence"] = {
-                k: v if math.isfinite(v) else str(v) for k, v in finding["evidence"].items()
-            }
-        return {"findings": findings}
+@router.get("/bios/hparams")
+def hparams(
+    model: str, lora: bool = True, examples: int | None = None, completion_tokens: int = 0
+) -> dict:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answer: dict[str, Any] = {"model": model, "learning_rate": get_lr(model, lora=lora)}
+        if examples is not None:
+            if examples <= 0 or completion_tokens < 0:
+                raise InvalidInputError("examples", "expected examples > 0, completion_tokens >= 0")
+            stats = DatasetStats(num_examples=examples, completion_tokens=completion_tokens)
+            answer["recommendation"] = dataclasses.asdict(recommend(model, stats, lora=lora))
+    answer["warnings"] = [str(w.message) for w in caught]
+    return answer
+
+
+@router.get("/bios/runs/{model_id}/fingerprint")
+def fingerprint(model_id: str, state: State, tenant: Tenant) -> dict:
+    """A hash of the run's weights, gradients and optimizer state, taken after every request
+    queued before it: equal before and after a request means it changed nothing."""
+    state.live_run(model_id, tenant)
+    run = state.engine.run(model_id)
+    worker_future = state.engine.worker_of(model_id).submit(run.fingerprint, lane=model_id)
+    return {"model_id": model_id, "fingerprint": worker_future.result()}
+
+
+@router.post("/bios/diagnose")
+def diagnose_records(body: DiagnoseBody) -> dict:
+    findings = [dataclasses.asdict(f) for f in diagnose(body.records)]
+    for finding in findings:  # JSON has no NaN or infinity: say it in words
+        finding["evidence"] = {
+            k: v if math.isfinite(v) else str(v) for k, v in finding["evidence"].items()
+        }
+    return {"findings": findings}

@@ -13,7 +13,7 @@ from fastapi import APIRouter
 from bios.checkpoints.paths import CheckpointPath
 from bios.server.auth import Tenant
 from bios.server.routes_training import check_checkpoint_owner
-from bios.server.state import ServerState
+from bios.server.state import ServerState, State
 from bios.server.wire import Body
 from bios.types import ModelInput, SamplingParams
 
@@ -37,50 +37,56 @@ class SampleBody(Body):
     topk_prompt_logprobs: int = 0
 
 
-def add_routes(api: APIRouter, state: ServerState) -> None:
-    def open_session(base_model: str | None, model_path: str | None, tenant) -> str:
-        if model_path is not None:
-            check_checkpoint_owner(state, model_path, tenant, "model_path")
-            session = state.engine.create_sampling_session(model_path=model_path)
-            run_id = CheckpointPath.parse(model_path).run_id
-        else:
-            if base_model is not None:
-                state.check_model(base_model)
-            session = state.engine.create_sampling_session(base_model=base_model)
-            run_id = None
-        return state.add_sampler(session, tenant, model_path, run_id)
+def open_session(state: ServerState, base_model: str | None, model_path: str | None, tenant) -> str:
+    """A new sampling session of `tenant` on a checkpoint it owns or on a served base model."""
+    if model_path is not None:
+        check_checkpoint_owner(state, model_path, tenant, "model_path")
+        session = state.engine.create_sampling_session(model_path=model_path)
+        run_id = CheckpointPath.parse(model_path).run_id
+    else:
+        if base_model is not None:
+            state.check_model(base_model)
+        session = state.engine.create_sampling_session(base_model=base_model)
+        run_id = None
+    return state.add_sampler(session, tenant, model_path, run_id)
 
-    @api.post("/create_sampling_session")
-    def create_sampling_session(body: CreateSamplingSessionBody, tenant: Tenant) -> dict:
-        sampler_id = open_session(body.base_model, body.model_path, tenant)
-        return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
-    @api.post("/asample")
-    def asample(body: SampleBody, tenant: Tenant) -> dict[str, Any]:
-        sampler_id = body.sampling_session_id or open_session(
-            body.base_model, body.model_path, tenant
-        )
-        session = state.sampler(sampler_id, tenant)
-        future = session.sample(
-            body.prompt,
-            body.num_samples,
-            body.sampling_params,
-            include_prompt_logprobs=body.prompt_logprobs,
-            topk_prompt_logprobs=body.topk_prompt_logprobs,
-        )
-        request_id = state.submit(future, "sample", None, tenant)
-        # SDK ≥ 0.38 asserts one sequence id per requested sample on every asample future.
-        return {
-            "request_id": request_id,
-            "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
-        }
+router = APIRouter()
 
-    @api.get("/samplers/{sampler_id}")
-    def sampler(sampler_id: str, tenant: Tenant) -> dict:
-        session = state.sampler(sampler_id, tenant)
-        row = state.store.sampler(sampler_id)
-        return {
-            "sampler_id": sampler_id,
-            "base_model": session.base_model,
-            "model_path": row["model_path"],
-        }
+
+@router.post("/create_sampling_session")
+def create_sampling_session(body: CreateSamplingSessionBody, state: State, tenant: Tenant) -> dict:
+    sampler_id = open_session(state, body.base_model, body.model_path, tenant)
+    return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+
+@router.post("/asample")
+def asample(body: SampleBody, state: State, tenant: Tenant) -> dict[str, Any]:
+    sampler_id = body.sampling_session_id or open_session(
+        state, body.base_model, body.model_path, tenant
+    )
+    session = state.sampler(sampler_id, tenant)
+    future = session.sample(
+        body.prompt,
+        body.num_samples,
+        body.sampling_params,
+        include_prompt_logprobs=body.prompt_logprobs,
+        topk_prompt_logprobs=body.topk_prompt_logprobs,
+    )
+    request_id = state.submit(future, "sample", None, tenant)
+    # SDK ≥ 0.38 asserts one sequence id per requested sample on every asample future.
+    return {
+        "request_id": request_id,
+        "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
+    }
+
+
+@router.get("/samplers/{sampler_id}")
+def sampler(sampler_id: str, state: State, tenant: Tenant) -> dict:
+    session = state.sampler(sampler_id, tenant)
+    row = state.store.sampler(sampler_id)
+    return {
+        "sampler_id": sampler_id,
+        "base_model": session.base_model,
+        "model_path": row["model_path"],
+    }

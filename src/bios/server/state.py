@@ -8,6 +8,9 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from bios.checkpoints.paths import KINDS, CheckpointPath
 from bios.engine.engine import Engine
@@ -121,10 +124,8 @@ class ServerState:
             raise NotFoundError(f"model_id: no training run {model_id!r}")
         return row
 
-    def submit(
-        self, future: Future, kind: str, model_id: str | None, tenant: str | None, **extra
-    ) -> str:
-        request_id = self.futures.add(future, kind, model_id, tenant, **extra)
+    def submit(self, future: Future, kind: str, model_id: str | None, tenant: str | None) -> str:
+        request_id = self.futures.add(future, kind, model_id, tenant)
         self.store.add_future(request_id, tenant, model_id, kind)
         if future.done():
             self._record_done(request_id, self.futures.get(request_id))
@@ -151,3 +152,12 @@ class ServerState:
         if row is None or row["tenant"] != tenant or session is None:
             raise NotFoundError(f"sampling_session_id: no sampling session {sampler_id!r}")
         return session
+
+
+async def get_state(request: Request) -> ServerState:
+    """The route dependency: the `ServerState` that `create_app` put on the application."""
+    return request.app.state.bios
+
+
+State = Annotated[ServerState, Depends(get_state)]
+"""What a route declares to get the server's state (`state: State`), as `Tenant` for the tenant."""

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from bios.errors import InvalidInputError, NotFoundError
 from bios.server import tinker_wire
-from bios.types import AdamParams, Datum, ForwardBackwardOutput, SampleResponse
+from bios.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, SampleResponse
 
 
 class Body(BaseModel):
@@ -33,12 +33,8 @@ class HeartbeatBody(Body):
     session_id: str
 
 
-class LoraConfigBody(Body):
-    rank: int = 32
-    seed: int | None = None
-    train_mlp: bool = True
-    train_attn: bool = True
-    train_unembed: bool = True
+class LoraConfigBody(LoraConfig):  # LoraConfig's fields and defaults, tolerating unknown ones
+    model_config = Body.model_config
 
 
 class CreateModelBody(Body):
@@ -67,6 +63,10 @@ class ForwardBackwardBody(Body):
     forward_backward_input: ForwardBackwardInputBody | None = None
     forward_input: ForwardBackwardInputBody | None = None  # SDK <= 0.24 `/forward`
     forward_only: bool = False
+    # Bios extension: keep a forward-only request's autograd graph for a `forward_backward` on
+    # the same tokens that follows (a custom objective's first pass; `engine/kept_graph.py`).
+    # Off by default, so an evaluation forward builds no graph; Tinker's SDK never sets it.
+    keep_graph: bool = False
 
 
 class OptimStepBody(Body):

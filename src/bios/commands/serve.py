@@ -1,4 +1,4 @@
-"""`bios serve` and `bios keys`: running the server and managing its API keys."""
+"""`bios serve`: run the training server, in one process or on N ranks (rank 0 serves)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,19 @@ import socket
 import sys
 from pathlib import Path
 
+from bios.commands.launch import (
+    add_distributed_flags,
+    exec_command,
+    strip_distributed_flags,
+    torchrun_command,
+    wants_launch,
+)
+
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
 
-def _home(args: argparse.Namespace) -> Path:
+def server_home(args: argparse.Namespace) -> Path:
+    """The server's database and checkpoints: `--home`, else $BIOS_HOME/server."""
     from bios.models.loading import bios_home
 
     return Path(args.home) if args.home else bios_home() / "server"
@@ -29,9 +38,7 @@ def is_loopback(host: str) -> bool:
             return False
 
 
-def serve(args: argparse.Namespace) -> int:
-    from bios.launch import exec_command, strip_distributed_flags, torchrun_command, wants_launch
-
+def run(args: argparse.Namespace) -> int:
     if wants_launch(args):
         # Start every rank under torchrun; rank 0 serves, the others follow it (bios.distributed).
         if args.nnodes > 1 and args.node_rank is None:
@@ -56,20 +63,18 @@ def serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from bios.distributed import Group, env_world_size, follow, leader_engine
+    from bios.distributed import process_engine, shutdown_process_engine
+    from bios.distributed.leader import DistributedEngine
     from bios.server.app import create_app
     from bios.server.state import ServerConfig, ServerState
 
-    engine = None
-    if env_world_size() > 1:
-        group = Group()
-        if not group.is_leader:
-            return follow(group)  # rank 0 serves; this rank runs its commands until it stops
-        engine = leader_engine(group, home=_home(args))
-        print(f"bios serve: rank 0 of {group.world} ({group.backend})")
+    # One rank of several: rank 0 serves; every other rank runs its commands here until it stops.
+    engine = process_engine(home=server_home(args))
+    if isinstance(engine, DistributedEngine):
+        print(f"bios serve: rank 0 of {engine.group.world} ({engine.group.backend})")
     auth = args.auth if args.auth is not None else not is_loopback(args.host)
     config = ServerConfig(
-        home=_home(args),
+        home=server_home(args),
         models=args.model,
         auth=auth,
         keep_graphs=not args.no_keep_graphs,
@@ -85,80 +90,41 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
     finally:
-        if engine is not None:
-            engine.shutdown()  # the other ranks leave their loop
+        shutdown_process_engine()  # the other ranks leave their loop (one process: nothing)
     return 0
 
 
-def keys(args: argparse.Namespace) -> int:
-    from bios.server.auth import hash_key, key_prefix, new_key
-    from bios.server.store import Store
-
-    store = Store(_home(args) / "bios.sqlite3")
-    if args.action == "create":
-        if not args.tenant:
-            print("bios keys create: --tenant NAME is required", file=sys.stderr)
-            return 2
-        key = new_key()
-        store.add_key(hash_key(key), key_prefix(key), args.tenant)
-        print(key)
-        print(f"(tenant {args.tenant}; shown once, stored only as a hash)", file=sys.stderr)
-    elif args.action == "revoke":
-        if not args.key:
-            print("bios keys revoke: give the key or its prefix", file=sys.stderr)
-            return 2
-        revoked = store.revoke_keys(key_prefix(args.key))
-        print(f"revoked {revoked} key(s)")
-        return 0 if revoked else 1
-    else:
-        for row in store.keys():
-            status = "revoked" if row["revoked"] else "active"
-            print(f"{row['key_prefix']}…  tenant={row['tenant']}  {status}")
-    return 0
-
-
-def add_commands(commands) -> None:
-    serve_parser = commands.add_parser(
+def add(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
         "serve", help="run the training server (speaks Tinker's wire protocol; Bios's client too)"
     )
-    serve_parser.add_argument(
+    parser.add_argument(
         "--model",
         action="append",
         default=[],
         help="a base model to serve (repeatable); without one, any model on this machine",
     )
-    serve_parser.add_argument("--host", default="127.0.0.1")
-    serve_parser.add_argument("--port", type=int, default=8000)
-    serve_parser.add_argument(
-        "--home", help="database and checkpoints (default: $BIOS_HOME/server)"
-    )
-    serve_parser.add_argument(
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--home", help="database and checkpoints (default: $BIOS_HOME/server)")
+    parser.add_argument(
         "--auth",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="require API keys (default: on unless --host is a loopback address)",
     )
-    serve_parser.add_argument("--max-runs", type=int, default=64, help="open runs per tenant")
-    serve_parser.add_argument(
+    parser.add_argument("--max-runs", type=int, default=64, help="open runs per tenant")
+    parser.add_argument(
         "--max-checkpoint-gib", type=float, default=100.0, help="checkpoint storage per tenant"
     )
-    serve_parser.add_argument(
+    parser.add_argument(
         "--max-body-mib", type=float, default=256.0, help="largest request body accepted"
     )
-    serve_parser.add_argument("--log-level", default="warning")
-    serve_parser.add_argument(
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
         "--no-keep-graphs",
         action="store_true",
         help="do not keep a forward's graph for the backward after it (for comparisons)",
     )
-    from bios.launch import add_distributed_flags
-
-    add_distributed_flags(serve_parser)  # --nproc-per-node N [--nnodes K --rdzv-endpoint H:P]
-    serve_parser.set_defaults(run=serve)
-
-    keys_parser = commands.add_parser("keys", help="create, revoke or list the server's API keys")
-    keys_parser.add_argument("action", choices=["create", "revoke", "list"])
-    keys_parser.add_argument("key", nargs="?", help="revoke: the key, or its first characters")
-    keys_parser.add_argument("--tenant", help="create: the tenant the key acts for")
-    keys_parser.add_argument("--home", help="the server's home (default: $BIOS_HOME/server)")
-    keys_parser.set_defaults(run=keys)
+    add_distributed_flags(parser)  # --nproc-per-node N [--nnodes K --rdzv-endpoint H:P]
+    parser.set_defaults(run=run)
