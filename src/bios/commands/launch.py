@@ -94,13 +94,18 @@ def add(commands: argparse._SubParsersAction) -> None:
     launch.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    target = ["-m", "bios.launch", args.script, *args.script_args]
+def run_on_ranks(args: argparse.Namespace, target: list[str], program: str) -> int:
+    """Become torchrun starting `target` on the ranks the distributed flags ask for; a bad
+    combination of flags is reported as `program: ...` with exit status 2."""
     try:
         command = torchrun_command(
             args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.node_rank, target
         )
     except ValueError as error:
-        print(f"bios launch: {error}", file=sys.stderr)
+        print(f"{program}: {error}", file=sys.stderr)
         return 2
     return exec_command(command)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_on_ranks(args, ["-m", "bios.launch", args.script, *args.script_args], "bios launch")

@@ -10,9 +10,8 @@ from pathlib import Path
 
 from bios.commands.launch import (
     add_distributed_flags,
-    exec_command,
+    run_on_ranks,
     strip_distributed_flags,
-    torchrun_command,
     wants_launch,
 )
 
@@ -49,14 +48,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         own_args = sys.argv[sys.argv.index("serve") + 1 :]
         target = ["-m", "bios.cli", "serve", *strip_distributed_flags(own_args)]
-        try:
-            command = torchrun_command(
-                args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.node_rank, target
-            )
-        except ValueError as error:
-            print(f"bios serve: {error}", file=sys.stderr)
-            return 2
-        return exec_command(command)
+        return run_on_ranks(args, target, "bios serve")
     return _serve(args)
 
 
