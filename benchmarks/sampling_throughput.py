@@ -1,10 +1,11 @@
 """Sampling throughput: Bios's sampler against `transformers` `generate`, on the default model.
 
-What is measured: generated tokens per second on SmolLM2-135M-Instruct (float32, CPU) for
+What is measured: generated tokens per second on SmolLM2-135M-Instruct (CPU) for
 (a) 1 prompt, 1 sample, 128 new tokens and (b) 1 prompt, 16 samples, 128 new tokens; plain
 sampling at temperature 1 (no top-k, no top-p) on both sides.
 
-  bios      `ServiceClient().create_sampling_client(base_model=...)`, then
+  bios      `ServiceClient(dtype=...)` (`--dtype`; without it Bios's default, which the report
+            names with its reason), `.create_sampling_client(base_model=...)`, then
             `sample(prompt, n, SamplingParams(max_tokens=128, seed=...)).result()`.
   baseline  `AutoModelForCausalLM.from_pretrained(...)` (its own copy of the same weights), then
             `generate(..., do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
@@ -42,7 +43,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-from machine import cpu_name
+from machine import bios_precision, bios_service, cpu_name
 
 NEW_TOKENS = 128
 CASES = {"a": 1, "b": 16}  # case -> samples of the one prompt
@@ -54,20 +55,24 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case and side")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", help="Bios's dtype: bf16, fp32 (default: Bios's choice)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     return parser.parse_args()
 
 
-def build_sides() -> tuple[list[int], dict[str, Callable[[int, int], list[list[int]]]]]:
-    """The prompt's tokens, and per side a function (samples, seed) -> generated sequences."""
+def build_sides(
+    dtype: str | None,
+) -> tuple[list[int], dict[str, Callable[[int, int], list[list[int]]]], str]:
+    """The prompt's tokens, per side a function (samples, seed) -> generated sequences, and
+    where and in which dtype Bios keeps the model (with its reason)."""
     from transformers import AutoModelForCausalLM
 
-    import bios
     from bios.data.chat import render_prompt
     from bios.models.loading import DEFAULT_MODEL, resolve_model_path
     from bios.types import ModelInput, SamplingParams
 
-    sampler = bios.ServiceClient().create_sampling_client(base_model=DEFAULT_MODEL)
+    service = bios_service(dtype=dtype)
+    sampler = service.create_sampling_client(base_model=DEFAULT_MODEL)
     sampler._session.eos_ids = ()  # benchmark only: no EOS, so every sequence has 128 tokens
     tokenizer = sampler.get_tokenizer()
     prompt = render_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
@@ -98,7 +103,8 @@ def build_sides() -> tuple[list[int], dict[str, Callable[[int, int], list[list[i
             )
         return output[:, len(prompt) :].tolist()
 
-    return prompt, {"bios": run_bios, "transformers": run_transformers}
+    sides = {"bios": run_bios, "transformers": run_transformers}
+    return prompt, sides, bios_precision(service)
 
 
 def cpu_seconds() -> float:
@@ -133,7 +139,9 @@ def machine_info(threads: int) -> dict:
     }
 
 
-def print_report(machine: dict, prompt_tokens: int, results: dict, repeats: int) -> None:
+def print_report(
+    machine: dict, prompt_tokens: int, results: dict, repeats: int, precision: str
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -143,8 +151,9 @@ def print_report(machine: dict, prompt_tokens: int, results: dict, repeats: int)
         f"({machine['torch_threads']} threads), transformers {machine['transformers']}, "
         f"Python {machine['python']}"
     )
+    console.print(f"Bios placed the model on {precision}; transformers runs it in float32.")
     title = (
-        f"Sampling, SmolLM2-135M fp32, prompt {prompt_tokens} tokens, {NEW_TOKENS} new tokens "
+        f"Sampling, SmolLM2-135M, prompt {prompt_tokens} tokens, {NEW_TOKENS} new tokens "
         f"per sample, median of {repeats}"
     )
     table = Table(title=title)
@@ -174,7 +183,7 @@ def print_report(machine: dict, prompt_tokens: int, results: dict, repeats: int)
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    prompt, sides = build_sides()
+    prompt, sides, precision = build_sides(args.dtype)
     results: dict[str, dict] = {}
     for case, samples in CASES.items():
         runs: dict[str, list[tuple[float, float]]] = {side: [] for side in SIDES}
@@ -195,7 +204,8 @@ def main() -> None:
             "load_average": os.getloadavg()[0],
         }
     machine = machine_info(args.threads)
-    print_report(machine, len(prompt), results, args.repeats)
+    machine["bios_precision"] = precision
+    print_report(machine, len(prompt), results, args.repeats, precision)
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
 

@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The correctness tests compare float32 on the CPU with float32 references: on a GPU machine or
+# a CPU with native bf16, Bios's own default would be bf16 (tests of that pass dtype explicitly).
+os.environ.setdefault("BIOS_DEVICE", "cpu")
+os.environ.setdefault("BIOS_DTYPE", "fp32")
 
 
 import pytest

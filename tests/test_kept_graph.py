@@ -14,9 +14,11 @@ from helpers import random_datum
 
 @contextmanager
 def count_forwards(engine: Engine, run_id: str) -> Iterator[list[int]]:
-    """Counts forward passes of the run's (shared) base model while the block runs."""
+    """Counts forward passes of the run's (shared) base model while the block runs: calls of its
+    input embedding, which every forward makes once (the chunked-loss path calls the decoder and
+    the unembedding, not the model's own forward)."""
     calls = [0]
-    model = engine._run_workers[run_id].loaded.model
+    model = engine._run_workers[run_id].loaded.model.get_input_embeddings()
     handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
         yield calls

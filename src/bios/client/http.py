@@ -129,6 +129,7 @@ class HttpTransport:
         lora: LoraConfig | None,
         *,
         user_metadata: Mapping[str, str] | None = None,
+        gradient_checkpointing: bool = False,
     ) -> str:
         body: dict[str, Any] = {
             "session_id": self._session_id,
@@ -136,6 +137,8 @@ class HttpTransport:
             "base_model": base_model,
             "user_metadata": dict(user_metadata) if user_metadata is not None else None,
         }
+        if gradient_checkpointing:  # a Bios extension: only sent when asked for
+            body["gradient_checkpointing"] = True
         if lora is None:
             body["full_finetune"] = True
         else:

@@ -15,6 +15,7 @@ from typing import Any
 from bios.client.futures import APIFuture
 from bios.client.sampling import SamplingClient
 from bios.client.transport import LossFnSpec, Transport
+from bios.errors import InvalidInputError
 from bios.models.loading import DEFAULT_MODEL
 from bios.objectives.custom import CustomLossFn
 from bios.types import (
@@ -40,12 +41,28 @@ class ServiceClient:
         api_key: str | None = None,
         *,
         engine: Transport | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
     ) -> None:
         """No arguments: the engine runs in this process. `base_url`: a `bios serve` server.
+
+        `device` ("cpu", "cuda", "cuda:1"; default `$BIOS_DEVICE`, else CUDA when there is a GPU,
+        else the CPU) and `dtype` ("bf16", "fp32"; default: bf16 on GPUs and on CPUs with native
+        bf16, else fp32) place the in-process engine's base models; a device that is not there is
+        an `InvalidInputError`. Every `ServiceClient()` of a process shares one engine, so a later
+        one may name the same device and dtype or none. A server chooses its own
+        (`bios serve --device --dtype`).
 
         The transport's module is imported only when it is used, so an HTTP client never loads
         the engine (nor torch's model code)."""
         self._engine: Transport
+        placed = [(n, v) for n, v in (("device", device), ("dtype", dtype)) if v is not None]
+        if placed and (base_url is not None or engine is not None):
+            name, value = placed[0]
+            chooser = "the server chooses: bios serve --device/--dtype"
+            if base_url is None:
+                chooser = "the engine given chooses (Engine(device=..., dtype=...))"
+            raise InvalidInputError(name, f"{value!r} cannot be used here: {chooser}")
         if base_url is not None:
             from bios.client.http import HttpTransport
 
@@ -55,7 +72,7 @@ class ServiceClient:
         else:
             from bios.client.local import local_engine
 
-            self._engine = local_engine()
+            self._engine = local_engine(device, dtype)
 
     def create_lora_training_client(
         self,
@@ -66,8 +83,14 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata: dict[str, str] | None = None,
+        *,
+        gradient_checkpointing: bool = False,
     ) -> TrainingClient:
-        """A LoRA run (alpha 32, B = 0 so it starts equal to the base model)."""
+        """A LoRA run (alpha 32, B = 0 so it starts equal to the base model).
+
+        `gradient_checkpointing` (a Bios extension): keep each decoder layer's input only and
+        recompute the layer in the backward pass — about a third more compute for the activation
+        memory of one layer, for long sequences."""
         lora = LoraConfig(
             rank=rank,
             seed=seed,
@@ -75,14 +98,28 @@ class ServiceClient:
             train_attn=train_attn,
             train_unembed=train_unembed,
         )
-        run_id = self._engine.create_run(base_model, lora, user_metadata=user_metadata)
+        run_id = self._engine.create_run(
+            base_model,
+            lora,
+            user_metadata=user_metadata,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         return TrainingClient(self._engine, run_id)
 
     def create_full_training_client(
-        self, base_model: str = DEFAULT_MODEL, user_metadata: dict[str, str] | None = None
+        self,
+        base_model: str = DEFAULT_MODEL,
+        user_metadata: dict[str, str] | None = None,
+        *,
+        gradient_checkpointing: bool = False,
     ) -> TrainingClient:
         """A full fine-tuning run: every weight of its own copy of the model is trained."""
-        run_id = self._engine.create_run(base_model, None, user_metadata=user_metadata)
+        run_id = self._engine.create_run(
+            base_model,
+            None,
+            user_metadata=user_metadata,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         return TrainingClient(self._engine, run_id)
 
     def create_training_client_from_state(

@@ -54,6 +54,7 @@ class Transport(Protocol):
         lora: LoraConfig | None,
         *,
         user_metadata: Mapping[str, str] | None = None,
+        gradient_checkpointing: bool = False,
     ) -> str:
         """A new LoRA run (`lora` given) or full fine-tuning run; its id."""
         ...

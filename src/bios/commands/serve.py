@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
 import sys
 from pathlib import Path
@@ -46,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+        # Every rank reads the device and dtype from the environment (rank 0 and its followers
+        # alike), each rank on its own GPU (bios.engine.devices).
+        for variable, value in (("BIOS_DEVICE", args.device), ("BIOS_DTYPE", args.dtype)):
+            if value is not None:
+                os.environ[variable] = value
         own_args = sys.argv[sys.argv.index("serve") + 1 :]
         target = ["-m", "bios.cli", "serve", *strip_distributed_flags(own_args)]
         return run_on_ranks(args, target, "bios serve")
@@ -61,9 +67,10 @@ def _serve(args: argparse.Namespace) -> int:
     from bios.server.state import ServerConfig, ServerState
 
     # One rank of several: rank 0 serves; every other rank runs its commands here until it stops.
-    engine = process_engine(home=server_home(args))
+    engine = process_engine(home=server_home(args), device=args.device, dtype=args.dtype)
     if isinstance(engine, DistributedEngine):
         print(f"bios serve: rank 0 of {engine.group.world} ({engine.group.backend})")
+    print(f"bios serve: base models on {engine.precision.describe()}")
     auth = args.auth if args.auth is not None else not is_loopback(args.host)
     config = ServerConfig(
         home=server_home(args),
@@ -95,6 +102,16 @@ def add(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         help="a base model to serve (repeatable); without one, any model on this machine",
+    )
+    parser.add_argument(
+        "--device",
+        help="where base models live: cpu, cuda, cuda:N (default: $BIOS_DEVICE, else CUDA when "
+        "there is a GPU, else cpu; each rank of several takes cuda:LOCAL_RANK)",
+    )
+    parser.add_argument(
+        "--dtype",
+        help="base models' dtype: bf16, fp32 or auto (default: bf16 on GPUs and on CPUs with "
+        "native bf16, else fp32); adapters and optimizer state are float32 always",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

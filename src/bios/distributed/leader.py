@@ -33,7 +33,7 @@ from bios.engine.engine import Engine
 from bios.engine.runs import Run, TrainingRun
 from bios.engine.sampling_sessions import SamplingSession
 from bios.engine.worker import ModelWorker
-from bios.errors import NotFoundError
+from bios.errors import InvalidInputError, NotFoundError
 from bios.models.lora import LoRAAdapter
 from bios.objectives import REF_LOGPROBS, Objective
 from bios.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, OptimStepResponse
@@ -210,6 +210,13 @@ class DistributedEngine(Engine):
     ) -> LeaderRun:
         local = worker.submit(call, self.replica, "create_run", (run_id, base_model, lora)).result()
         return LeaderRun(self.replica, local)
+
+    def create_run(self, base_model, lora, run_id=None, **options) -> str:
+        if options.get("gradient_checkpointing"):
+            raise InvalidInputError(
+                "gradient_checkpointing", "not available on several ranks yet (one process only)"
+            )
+        return super().create_run(base_model, lora, run_id, **options)
 
     def leader_run(self, run_id: str) -> LeaderRun:
         run = self.run(run_id)

@@ -13,6 +13,7 @@ import torch
 from bios.distributed.protocol import Replica, op
 from bios.distributed.runs import ReplicatedRun, ShardedFullRun
 from bios.distributed.step import Shard, StepHeader, distributed_step
+from bios.engine.devices import resolve_precision
 from bios.engine.runs import TrainingRun
 from bios.engine.sampling_sessions import SamplingSession, frozen_copy
 from bios.models.loading import load_model
@@ -47,12 +48,13 @@ def reference_payload(adapter: LoRAAdapter) -> dict:
     return {
         "rank": adapter.rank,
         "alpha": adapter.alpha,
-        "factors": {(m, f): p.detach().clone() for m, f, p in adapter.named_factors()},
+        # On the CPU: a pickled CUDA tensor would land on the sender's GPU index.
+        "factors": {(m, f): p.detach().cpu().clone() for m, f, p in adapter.named_factors()},
     }
 
 
-def adapter_from_payload(payload: dict) -> LoRAAdapter:
-    """A frozen adapter from `reference_payload`'s tensors."""
+def adapter_from_payload(payload: dict, device: torch.device | None = None) -> LoRAAdapter:
+    """A frozen adapter from `reference_payload`'s tensors, on `device` (None: the CPU)."""
     factors = payload["factors"]
     shapes = {
         module: (factors[(module, "lora_A")].shape[1], factors[(module, "lora_B")].shape[0])
@@ -62,13 +64,14 @@ def adapter_from_payload(payload: dict) -> LoRAAdapter:
     with torch.no_grad():
         for module, factor, param in adapter.named_factors():
             param.copy_(factors[(module, factor)])
-    return adapter.requires_grad_(False)
+    return adapter.requires_grad_(False).to(device or torch.device("cpu"))
 
 
 @op("put_reference")
 def _put_reference(replica: Replica, header, shard: None, local: LoRAAdapter | None) -> None:
     key, payload = header
-    replica.references[key] = local if local is not None else adapter_from_payload(payload)
+    device = resolve_precision().device  # this rank's, as its models'
+    replica.references[key] = local if local is not None else adapter_from_payload(payload, device)
 
 
 @op("forward_backward")
@@ -155,13 +158,13 @@ def _open_session(replica: Replica, header, shard: None, local: None) -> None:
     worker = replica.worker_of(base_model)
     full_model = None
     if full_weights is not None:
-        full_model = load_model(base_model).model
+        full_model = load_model(base_model, worker.dtype, worker.device).model
         full_model.load_state_dict(full_weights, strict=False)
         full_model = full_model.requires_grad_(False).eval()
     replica.sessions[session_id] = SamplingSession(
         worker,
         base_model,
-        adapter=adapter_from_payload(adapter) if adapter is not None else None,
+        adapter=adapter_from_payload(adapter, worker.device) if adapter is not None else None,
         full_model=full_model,
     )
 

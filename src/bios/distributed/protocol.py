@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bios.distributed.group import DistributedError, Group
+from bios.engine.devices import resolve_precision
 from bios.engine.runs import TrainingRun
 from bios.engine.sampling_sessions import SamplingSession
 from bios.engine.worker import ModelWorker
@@ -83,7 +84,9 @@ def follower_workers() -> Callable[[str], ModelWorker]:
     def worker_of(base_model: str) -> ModelWorker:
         key = str(resolve_model_path(base_model))
         if key not in workers:
-            workers[key] = ModelWorker(load_model(base_model))
+            # The same environment and LOCAL_RANK as the leader's engine: the ranks agree.
+            precision = resolve_precision()
+            workers[key] = ModelWorker(load_model(base_model, precision.dtype, precision.device))
         return workers[key]
 
     return worker_of

@@ -100,8 +100,9 @@ class ShardedFullRun(TrainingRun):
     lockstep = True  # every rank runs every forward and backward (FSDP2 collectives)
 
     def __init__(self, run_id: str, base_model: str, host: AdapterHost, group: Group) -> None:
-        model = load_model(base_model).model
-        mesh = init_device_mesh("cpu", (group.world,))
+        device = host.model.device  # this rank's device (cuda:LOCAL_RANK, or the CPU)
+        model = load_model(base_model, torch.float32, device).model  # float32 master weights
+        mesh = init_device_mesh(device.type, (group.world,))
         for layer in _decoder_layers(model):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -204,7 +205,7 @@ class ShardedFullRun(TrainingRun):
                 param = self.parameters[name]
                 full = optimizer_state[name][moment] if leader and optimizer_state else None
                 if full is None:
-                    full = torch.empty(shape, dtype=dtype)
+                    full = torch.empty(shape, dtype=dtype, device=param.device)
                 if moment == "step":
                     full = full.clone()
                     self.group.broadcast_tensor(full, what)
@@ -217,14 +218,15 @@ class ShardedFullRun(TrainingRun):
     def _shard_of(self, full: torch.Tensor | None, param: DTensor, what: str) -> DTensor:
         """Rank 0's `full` tensor, broadcast, as a DTensor laid out like `param`."""
         if full is None:
-            full = torch.empty(param.shape, dtype=param.dtype)
-        full = full.to(param.dtype).contiguous().clone()
+            full = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+        full = full.to(param.device, param.dtype).contiguous().clone()
         self.group.broadcast_tensor(full, what)
         return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
 
     def full_weights(self) -> nn.Module:
         """Every rank: a plain (unsharded, frozen) copy of the current weights, for sampling."""
-        model = load_model(self.base_model).model
+        base = self._host.model
+        model = load_model(self.base_model, base.dtype, base.device).model
         with torch.no_grad():
             plain = dict(model.named_parameters())
             for name, param in self.parameters.items():

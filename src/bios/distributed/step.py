@@ -30,8 +30,9 @@ import torch
 
 from bios.distributed.group import Group
 from bios.distributed.protocol import RaisedInStep
-from bios.engine.batch import PackedBatch
-from bios.engine.runs import batch_logits, forward_output, gather_logprobs
+from bios.engine.batch import PackedBatch, pack_sequences
+from bios.engine.forward import batch_logits, gather_logprobs
+from bios.engine.runs import forward_output
 from bios.errors import InvalidInputError
 from bios.models.lora import LoRAAdapter
 from bios.objectives import REF_LOGPROBS, Objective
@@ -79,22 +80,10 @@ def split_ranges(lengths: Sequence[int], parts: int) -> list[tuple[int, int]]:
 
 
 def shard_batch(batch: PackedBatch, start: int, stop: int) -> Shard:
-    """The tokens of data [start, stop) of a packed batch, re-trimmed to their longest."""
+    """The tokens of data [start, stop) of a packed batch, packed on their own."""
     if stop <= start:
         return Shard(start, stop, None)
-    lengths = batch.lengths[start:stop]
-    width = max(lengths)
-    return Shard(
-        start,
-        stop,
-        PackedBatch(
-            input_ids=batch.input_ids[start:stop, :width].clone(),
-            targets=batch.targets[start:stop, :width].clone(),
-            mask=batch.mask[start:stop, :width].clone(),
-            lengths=list(lengths),
-            inputs={},
-        ),
-    )
+    return Shard(start, stop, batch.select(start, stop))
 
 
 def shards_of(batch: PackedBatch, world: int) -> list[Shard]:
@@ -103,8 +92,8 @@ def shards_of(batch: PackedBatch, world: int) -> list[Shard]:
 
 def _dummy_batch() -> PackedBatch:
     """One token, for a rank with no data whose collectives must still run (FSDP2)."""
-    one = torch.zeros(1, 1, dtype=torch.int64)
-    return PackedBatch(one, one, torch.ones(1, 1, dtype=torch.bool), [1], {})
+    one = torch.zeros(1, dtype=torch.int64)
+    return pack_sequences([one], [one], {})
 
 
 Evaluate = Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor | None]]]
@@ -129,6 +118,7 @@ def distributed_step(
     sent: list[torch.Tensor] = []
     with torch.set_grad_enabled(header.backward), run.model() as model:
         if runs_model:
+            batch = batch.to(next(model.parameters()).device)
             logits = batch_logits(model, batch)
             if has_data:
                 live = [logits[batch.mask]] if header.logits else []

@@ -1,4 +1,4 @@
-"""Checking a batch of `Datum`s against an objective, and packing it into tensors.
+"""Checking a batch of `Datum`s against an objective, and packing it into rows of tensors.
 
 Validation runs before any computation, so a rejected request changes no state. Every error
 names the field (`data[3].loss_fn_inputs['weights']`) and what was expected.
@@ -6,6 +6,8 @@ names the field (`data[3].loss_fn_inputs['weights']`) and what was expected.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,21 +23,109 @@ _INT_KEYS = {"target_tokens"}
 
 @dataclass
 class PackedBatch:
-    """A right-padded batch plus the objective's inputs flattened over the real tokens.
+    """A request's sequences packed into rows without padding between them, plus the
+    objective's inputs flattened over the real tokens.
 
-    Right padding needs no attention mask: under the causal mask a real token never attends to
-    the padding that follows it.
+    Sequences keep their order; each row takes the next sequences while they fit in the longest
+    one (so equal-length data is one sequence a row, and short ones share rows). Position ids
+    restart at 0 with every sequence and attention never crosses sequences (`attention_mask`),
+    so each sequence is computed as it would be alone. Only the end of a row may be padding
+    (segment -1), which no real token attends to. Flattening the rows' real tokens in row-major
+    order gives the tokens in datum order.
     """
 
-    input_ids: torch.Tensor  # (B, T) int64, padded with 0
-    targets: torch.Tensor  # (B, T) int64, padded with 0
-    mask: torch.Tensor  # (B, T) bool, True on real tokens
-    lengths: list[int]
+    input_ids: torch.Tensor  # (R, L) int64, padded with 0 at the end of a row
+    targets: torch.Tensor  # (R, L) int64, padded with 0
+    mask: torch.Tensor  # (R, L) bool, True on real tokens
+    lengths: list[int]  # per datum, in datum order
     inputs: dict[str, torch.Tensor]  # each (sum of lengths,), in datum order; + datum_index
+    position_ids: torch.Tensor  # (R, L) int64: the position within its sequence
+    segment_ids: torch.Tensor  # (R, L) int64: the datum each position belongs to, -1 padding
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-datum pieces of a tensor flattened over the real tokens."""
         return list(torch.split(flat, self.lengths))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def flat_targets(self) -> torch.Tensor:
+        """(sum of lengths,) the target of every real token, in datum order."""
+        return self.targets[self.mask]
+
+    def attention_mask(self, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(R, 1, L, L): query i may attend key j iff both are in the same sequence and j ≤ i.
+
+        Boolean (True = attend) for SDPA; with `additive_dtype`, 0 / the dtype's minimum, the
+        form eager attention adds to its scores. Padding attends to padding only, so no row of
+        the mask is empty (an empty one would make SDPA produce NaN)."""
+        same = self.segment_ids[:, :, None] == self.segment_ids[:, None, :]
+        length = self.segment_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=same.device).tril()
+        allowed = (same & causal)[:, None]
+        if additive_dtype is None:
+            return allowed
+        zeros = torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device)
+        return zeros.masked_fill(~allowed, torch.finfo(additive_dtype).min)
+
+    def to(self, device: torch.device) -> PackedBatch:
+        """The same batch with every tensor on `device` (itself if they are there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        move = functools.partial(torch.Tensor.to, device=device, non_blocking=True)
+        return dataclasses.replace(
+            self,
+            input_ids=move(self.input_ids),
+            targets=move(self.targets),
+            mask=move(self.mask),
+            inputs={key: move(value) for key, value in self.inputs.items()},
+            position_ids=move(self.position_ids),
+            segment_ids=move(self.segment_ids),
+        )
+
+    def select(self, start: int, stop: int) -> PackedBatch:
+        """Data [start, stop) packed on their own (the objective's inputs are not carried)."""
+        rows = self.split(self.input_ids[self.mask])[start:stop]
+        targets = self.split(self.flat_targets())[start:stop]
+        return pack_sequences(rows, targets, {})
+
+
+def pack_sequences(
+    rows: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+) -> PackedBatch:
+    """Pack token sequences (and their targets) into rows as `PackedBatch` describes."""
+    lengths = [len(row) for row in rows]
+    capacity = max(lengths)
+    packed_rows: list[list[int]] = [[]]  # datum indices of each row
+    used = 0
+    for index, length in enumerate(lengths):
+        if used + length > capacity:
+            packed_rows.append([])
+            used = 0
+        packed_rows[-1].append(index)
+        used += length
+    width = max(sum(lengths[i] for i in members) for members in packed_rows)
+    shape = (len(packed_rows), width)
+    input_ids = torch.zeros(shape, dtype=torch.int64)
+    padded_targets = torch.zeros(shape, dtype=torch.int64)
+    position_ids = torch.zeros(shape, dtype=torch.int64)
+    segment_ids = torch.full(shape, -1, dtype=torch.int64)
+    for row, members in enumerate(packed_rows):
+        start = 0
+        for index in members:
+            stop = start + lengths[index]
+            input_ids[row, start:stop] = rows[index]
+            padded_targets[row, start:stop] = targets[index]
+            position_ids[row, start:stop] = torch.arange(lengths[index])
+            segment_ids[row, start:stop] = index
+            start = stop
+        # The padding at a row's end is a sequence of its own (segment -1), from position 0.
+        position_ids[row, start:] = torch.arange(width - start)
+    mask = segment_ids >= 0
+    return PackedBatch(input_ids, padded_targets, mask, lengths, inputs, position_ids, segment_ids)
 
 
 def resolve_objective(loss_fn: LossFn) -> Objective:
@@ -186,9 +276,6 @@ def pack_batch(
                 f"missing key {key!r} that other data in the batch have",
             )
     lengths = [len(row) for row in rows]
-    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-    mask = torch.arange(input_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
     inputs = {key: torch.cat(pieces) for key, pieces in columns.items()}
     inputs[DATUM_INDEX] = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
-    padded_targets = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
-    return PackedBatch(input_ids, padded_targets, mask, lengths, inputs)
+    return pack_sequences(rows, targets, inputs)

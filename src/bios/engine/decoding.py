@@ -30,6 +30,11 @@ the model's own logprobs of a greedy sequence.
 Randomness: each request owns a `torch.Generator` seeded with its seed and draws `num_samples`
 uniforms per step (inverse-CDF sampling, one uniform per row), so a request's tokens depend on its
 seed only, never on which other requests share its batch.
+
+Device: every tensor of a decode (tokens, positions, masks, the KV cache, the token choice) lives
+on the model's device. Only the uniforms are drawn on the CPU, from the request's CPU generator,
+and then moved: the same seed gives the same random stream on every device. What comes back is
+Python lists.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ def choose_tokens(
     cumulative probability exceeds u times the total. Temperature 0 is argmax, logprob 0.0.
     """
     if temperature == 0.0:
-        return logits.argmax(dim=-1), torch.zeros(logits.shape[0])
+        return logits.argmax(dim=-1), logits.new_zeros(logits.shape[0], dtype=torch.float32)
     assert uniforms is not None
     scores = logits.float() if temperature == 1.0 else logits.float() / temperature
     candidates = None  # the vocabulary ids of the columns of `scores`, once truncated or sorted
@@ -118,8 +123,9 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Per row of `probs` (R, V), the first column i with cdf[i] > u · total (u in [0, 1)).
 
     cdf is the running sum of the row in float64 (a float32 running sum over ~50k entries drifts
-    by ~1e-5, a visible bias). A column of probability 0 is never chosen: cdf[i] > x ≥ cdf[i-1]
-    needs probs[i] > 0, and x is kept below the total.
+    by ~1e-5, a visible bias; Apple's MPS has no float64 and keeps float32). A column of
+    probability 0 is never chosen: cdf[i] > x ≥ cdf[i-1] needs probs[i] > 0, and x is kept below
+    the total.
 
     Two levels rather than one running sum over the whole vocabulary, which costs ~4 ms a step at
     16 rows × 49k columns (a quarter of it): the sums of blocks of `CDF_BLOCK` columns and their
@@ -128,18 +134,20 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     when x is within float64 rounding (~1e-16) of a boundary.
     """
     rows, columns = probs.shape
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64
     padding = (-columns) % CDF_BLOCK
     padded = torch.nn.functional.pad(probs, (0, padding)) if padding else probs  # pad copies
     blocks = padded.view(rows, -1, CDF_BLOCK)
-    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)
+    block_cdf = blocks.sum(dim=-1, dtype=wide).cumsum(dim=-1)
     total = block_cdf[:, -1:]
     target = torch.minimum(
-        uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total))
+        uniforms.to(probs.device, wide)[:, None] * total,
+        torch.nextafter(total, torch.zeros_like(total)),
     )
     block = torch.searchsorted(block_cdf, target, right=True)  # block_cdf[block] > target
     before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)
-    inside = blocks[torch.arange(rows), block[:, 0]]  # (R, CDF_BLOCK)
-    local_cdf = inside.cumsum(dim=-1, dtype=torch.float64) + before
+    inside = blocks[torch.arange(rows, device=probs.device), block[:, 0]]  # (R, CDF_BLOCK)
+    local_cdf = inside.cumsum(dim=-1, dtype=wide) + before
     column = torch.searchsorted(local_cdf, target, right=True)[:, 0]
     # The block's own running sum can end a rounding error below block_cdf[block]; a target in
     # that sliver falls past the block's end and belongs to its last column of positive mass
@@ -156,12 +164,18 @@ class _Prefill:
     topk: list[list[tuple[int, float]] | None] | None = None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's weights: where every tensor of a decode is made."""
+    return next(model.parameters()).device
+
+
 def _prefill(model: nn.Module, request: SampleRequest) -> _Prefill:
     """One forward over the prompt; the lm_head runs on every position only if logprobs are due."""
     every_position = request.prompt_logprobs or request.topk_prompt_logprobs > 0
+    device = model_device(model)
     cache = DynamicCache()
     logits = model(
-        input_ids=torch.tensor([request.prompt]),
+        input_ids=torch.tensor([request.prompt], device=device),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=0 if every_position else 1,
@@ -170,7 +184,7 @@ def _prefill(model: nn.Module, request: SampleRequest) -> _Prefill:
     if every_position:
         logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
         if request.prompt_logprobs:
-            targets = torch.tensor(request.prompt[1:])[:, None]
+            targets = torch.tensor(request.prompt[1:], device=device)[:, None]
             result.prompt_logprobs = [None, *logprobs.gather(-1, targets)[:, 0].tolist()]
         if request.topk_prompt_logprobs > 0:
             values, ids = logprobs.topk(min(request.topk_prompt_logprobs, logprobs.shape[-1]))
@@ -182,8 +196,10 @@ def _prefill(model: nn.Module, request: SampleRequest) -> _Prefill:
 @torch.inference_mode()
 def prompt_logprobs(model: nn.Module, tokens: list[int]) -> list[float | None]:
     """log p(tokens[i] | tokens[:i]) for i ≥ 1, with None first: one forward, no cache."""
-    logits = model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0, :-1].float()
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(tokens[1:])[:, None])
+    device = model_device(model)
+    ids = torch.tensor([tokens], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None])
     return [None, *picked[:, 0].tolist()]
 
 
@@ -222,18 +238,24 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, requests: list[SampleRequest], tokenizer) -> None:
         self.model, self.requests, self.tokenizer = model, requests, tokenizer
-        counts = torch.tensor([r.num_samples for r in requests])
-        self.request_of = torch.repeat_interleave(torch.arange(len(requests)), counts)
-        self.first_row = (torch.cumsum(counts, 0) - counts).tolist()
-        self.sample_of = torch.arange(len(self.request_of)) - torch.repeat_interleave(
-            torch.tensor(self.first_row), counts
+        self.device = device = model_device(model)
+        counts = torch.tensor([r.num_samples for r in requests], device=device)
+        self.request_of = torch.repeat_interleave(
+            torch.arange(len(requests), device=device), counts
         )
+        self.first_row = (torch.cumsum(counts, 0) - counts).tolist()
+        self.sample_of = torch.arange(len(self.request_of), device=device) - (
+            torch.repeat_interleave(torch.tensor(self.first_row, device=device), counts)
+        )
+        # On the CPU whatever the device: a seed's stream is the same everywhere.
         self.generators = [torch.Generator().manual_seed(r.settings.seed) for r in requests]
         stop_ids = [r.settings.stop_ids for r in requests]
         width = max(1, *(len(ids) for ids in stop_ids))
-        table = torch.tensor([[*ids, *([-1] * (width - len(ids)))] for ids in stop_ids])
+        rows = [[*ids, *([-1] * (width - len(ids)))] for ids in stop_ids]
+        table = torch.tensor(rows, device=device)
         self.stop_table = table[self.request_of]  # (rows, width), padded with -1
-        self.limit = torch.tensor([r.settings.max_tokens for r in requests])[self.request_of]
+        limits = torch.tensor([r.settings.max_tokens for r in requests], device=device)
+        self.limit = limits[self.request_of]
         # A stop string ending in the newest token lies within the last (its bytes + 1) tokens,
         # since every token adds at least one byte; decoding that window is enough.
         self.window = [
@@ -242,10 +264,10 @@ class _Decoder:
         self.any_strings = any(r.settings.stop_strings for r in requests)
         self.steps = max(r.settings.max_tokens for r in requests)
         rows = len(self.request_of)
-        self.tokens = torch.zeros(rows, self.steps, dtype=torch.int64)
-        self.logprobs = torch.zeros(rows, self.steps)
-        self.lengths = torch.zeros(rows, dtype=torch.int64)
-        self.stopped = torch.zeros(rows, dtype=torch.bool)
+        self.tokens = torch.zeros(rows, self.steps, dtype=torch.int64, device=device)
+        self.logprobs = torch.zeros(rows, self.steps, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.stopped = torch.zeros(rows, dtype=torch.bool, device=device)
 
     def run(self) -> list[SampleResponse]:
         prefills = [_prefill(self.model, r) for r in self.requests]
@@ -256,10 +278,10 @@ class _Decoder:
             ]
         )
         rows = len(self.request_of)
-        prompt_lengths = torch.tensor([len(r.prompt) for r in self.requests])
+        prompt_lengths = torch.tensor([len(r.prompt) for r in self.requests], device=self.device)
         batch = _Batch(
-            ids=torch.arange(rows),
-            alive=torch.ones(rows, dtype=torch.bool),
+            ids=torch.arange(rows, device=self.device),
+            alive=torch.ones(rows, dtype=torch.bool, device=self.device),
             positions=prompt_lengths[self.request_of],
         )
         batch.segments = self._segments(batch.ids)
@@ -273,7 +295,9 @@ class _Decoder:
                     tokens = self._keep_alive(batch, tokens)
                     self._build_cache(batch, prefills)
                     stack.enter_context(fused_rms_norms(self.model))
-                    packed = PackedLinears.of(self.model) if len(tokens) >= MIN_ROWS else None
+                    packed = None
+                    if len(tokens) >= MIN_ROWS and self.device.type == "cpu":
+                        packed = PackedLinears.of(self.model)
                     if packed is not None:
                         stack.enter_context(packed.installed())
                 elif int((~batch.alive).sum()) * 4 >= len(batch.ids):
@@ -293,8 +317,8 @@ class _Decoder:
 
     def _choose(self, batch: _Batch, logits: torch.Tensor, step: int) -> torch.Tensor:
         """Choose a token for every row, record those of the live rows, mark finished rows."""
-        tokens = torch.zeros(len(batch.ids), dtype=torch.int64)
-        logprobs = torch.zeros(len(batch.ids))
+        tokens = torch.zeros(len(batch.ids), dtype=torch.int64, device=self.device)
+        logprobs = torch.zeros(len(batch.ids), device=self.device)
         for segment in batch.segments:
             if not batch.alive[segment.rows].any():
                 continue  # finished rows waiting to be dropped: any token will do
@@ -309,6 +333,7 @@ class _Decoder:
                 uniforms = torch.rand(draws, generator=generator, dtype=torch.float64)
                 if draws != request.num_samples:
                     uniforms = uniforms[request.first_sample :][: request.num_samples]
+                uniforms = uniforms.to(self.device)
                 if segment.samples is not None:
                     uniforms = uniforms[segment.samples]
             tokens[segment.rows], logprobs[segment.rows] = choose_tokens(
@@ -328,7 +353,7 @@ class _Decoder:
         return tokens
 
     def _stop_strings(self, ids: torch.Tensor, step: int) -> torch.Tensor:
-        hits = torch.zeros(len(ids), dtype=torch.bool)
+        hits = torch.zeros(len(ids), dtype=torch.bool)  # filled here, then moved
         for index, row in enumerate(ids.tolist()):
             request = int(self.request_of[row])
             strings = self.requests[request].settings.stop_strings
@@ -336,7 +361,7 @@ class _Decoder:
                 start = max(0, step + 1 - self.window[request])
                 text = self.tokenizer.decode(self.tokens[row, start : step + 1].tolist())
                 hits[index] = any(s in text for s in strings)
-        return hits
+        return hits.to(self.device)
 
     # ---- the batch and its cache ----------------------------------------------------------------
 
@@ -344,7 +369,7 @@ class _Decoder:
         """Drop finished rows from the batch (and its cache); returns the live rows' tokens."""
         keep = batch.alive.nonzero()[:, 0]
         batch.ids, batch.positions = batch.ids[keep], batch.positions[keep]
-        batch.alive = torch.ones(len(keep), dtype=torch.bool)
+        batch.alive = torch.ones(len(keep), dtype=torch.bool, device=self.device)
         batch.segments = self._segments(batch.ids)
         if batch.cache is not None:
             batch.cache.batch_select_indices(keep)
@@ -376,17 +401,20 @@ class _Decoder:
         return logits.float()
 
     def _responses(self, prefills: list[_Prefill]) -> list[SampleResponse]:
+        # One copy of the outputs to the CPU (none on the CPU), then plain Python lists.
+        lengths, stopped = self.lengths.tolist(), self.stopped.tolist()
+        all_tokens, all_logprobs = self.tokens.cpu(), self.logprobs.cpu()
         responses = []
         for index, (request, prefill) in enumerate(zip(self.requests, prefills, strict=True)):
             sequences = []
             for row in range(self.first_row[index], self.first_row[index] + request.num_samples):
-                length = int(self.lengths[row])
-                reason: StopReason = "stop" if self.stopped[row] else "length"
+                length = lengths[row]
+                reason: StopReason = "stop" if stopped[row] else "length"
                 sequences.append(
                     SampledSequence(
                         stop_reason=reason,
-                        tokens=self.tokens[row, :length].tolist(),
-                        logprobs=self.logprobs[row, :length].tolist(),
+                        tokens=all_tokens[row, :length].tolist(),
+                        logprobs=all_logprobs[row, :length].tolist(),
                     )
                 )
             responses.append(

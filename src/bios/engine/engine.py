@@ -14,9 +14,13 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
+import torch
+
 from bios.checkpoints.layout import read_state
 from bios.checkpoints.paths import CheckpointPath, check_name, check_run_id, checkpoint_folder
-from bios.engine.batch import pack_batch, resolve_config, resolve_objective
+from bios.engine import memory
+from bios.engine.batch import PackedBatch, pack_batch, resolve_config, resolve_objective
+from bios.engine.devices import Precision, resolve_precision
 from bios.engine.kept_graph import KEEP_SECONDS
 from bios.engine.runs import Run, TrainingRun
 from bios.engine.sampling_sessions import SamplingSession
@@ -47,9 +51,23 @@ def check_lora_config(lora: LoraConfig | None, field: str = "rank") -> None:
 
 
 class Engine:
-    """Holds one worker per base model and routes each run's requests to it."""
+    """Holds one worker per base model and routes each run's requests to it.
 
-    def __init__(self, home: Path | None = None) -> None:
+    Every base model lives on one device in one dtype (`bios.engine.devices`: `device` and
+    `dtype` None choose them, `precision.reason` says why), resolved here, so a device that is
+    not there fails before anything is loaded. Whatever the dtype, what is trained is float32:
+    LoRA factors (and so their AdamW moments), and a full fine-tuning run's own copy of the
+    model, its master weights, which a bf16 engine's run computes with under
+    `torch.autocast(device.type, dtype)` (`TrainingRun`).
+    """
+
+    def __init__(
+        self,
+        home: Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        self.precision: Precision = resolve_precision(device, dtype)
         self.home = Path(home) if home is not None else bios_home()
         self._workers: dict[str, ModelWorker] = {}
         self._run_workers: dict[str, ModelWorker] = {}
@@ -59,6 +77,18 @@ class Engine:
             weakref.WeakValueDictionary()
         )
         self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.precision.dtype
+
+    @property
+    def precision_reason(self) -> str:
+        return self.precision.reason
 
     # ---- models and runs ----------------------------------------------------------------------
 
@@ -71,7 +101,7 @@ class Engine:
         key = str(resolve_model_path(base_model))
         with self._lock:
             if key not in self._workers:
-                self._workers[key] = ModelWorker(load_model(base_model))
+                self._workers[key] = ModelWorker(load_model(base_model, self.dtype, self.device))
             return self._workers[key]
 
     def run(self, run_id: str) -> Run:
@@ -87,14 +117,20 @@ class Engine:
         run_id: str | None = None,
         *,
         user_metadata: Mapping[str, str] | None = None,
+        gradient_checkpointing: bool = False,
     ) -> str:
         """A new LoRA run (`lora` given) or full fine-tuning run on `base_model`.
 
         `run_id` is chosen by the engine unless the caller (the server, which derives Tinker's
         `<session>:train:<n>` ids) names it. `user_metadata` is kept with the run
-        (`TrainingRun.user_metadata`).
+        (`TrainingRun.user_metadata`). `gradient_checkpointing`: recompute each decoder layer in
+        the backward pass instead of keeping its activations (`engine/forward.py`).
         """
         check_lora_config(lora)
+        if not isinstance(gradient_checkpointing, bool):
+            raise InvalidInputError(
+                "gradient_checkpointing", f"expected true or false, got {gradient_checkpointing!r}"
+            )
         if run_id is not None:
             check_run_id(run_id, "model_id")
             if run_id in self._run_workers:
@@ -103,6 +139,7 @@ class Engine:
         run_id = run_id or uuid.uuid4().hex[:16]
         run = self._new_run(worker, run_id, base_model, lora)
         run.user_metadata = dict(user_metadata or {})
+        run.checkpoint_layers = gradient_checkpointing
         with self._lock:
             worker.runs[run_id] = run
             self._run_workers[run_id] = worker
@@ -111,7 +148,13 @@ class Engine:
     def _new_run(
         self, worker: ModelWorker, run_id: str, base_model: str, lora: LoraConfig | None
     ) -> Run:
-        full_model = None if lora is not None else load_model(base_model).model
+        model = worker.loaded.model
+        full_copy = 0 if lora is not None else 4 * memory.trainable_parameters(model, None)
+        memory.check_run_fits(memory.trainable_parameters(model, lora), full_copy, self.device)
+        # Full fine-tuning: the run's own copy in float32 (its master weights), on the device.
+        full_model = None
+        if lora is None:
+            full_model = load_model(base_model, torch.float32, self.device).model
         # Built on the worker thread: it reads the shared model, which other runs may be using.
         return worker.submit(
             TrainingRun, run_id, base_model, worker.host, lora, full_model
@@ -172,6 +215,8 @@ class Engine:
         objective = resolve_objective(loss_fn)
         config = resolve_config(objective, loss_fn_config)
         batch = pack_batch(data, objective, worker.vocab_size, worker.max_length)
+        if backward or keep_graph:
+            self._check_step_fits(run, worker, batch)
         adapter = self._reference_adapter(run, reference)
         future = worker.submit(
             run.forward_backward,
@@ -216,8 +261,21 @@ class Engine:
         run, worker = self.run(run_id), self._run_workers[run_id]
         check_custom_loss(loss_fn, loss_type_input)
         batch = pack_batch(data, None, worker.vocab_size, worker.max_length)
+        self._check_step_fits(run, worker, batch)
         return worker.submit(
             run.forward_backward_custom, batch, data, loss_fn, loss_type_input, lane=run_id
+        )
+
+    def _check_step_fits(self, run: Run, worker: ModelWorker, batch: PackedBatch) -> None:
+        """Refuse, before anything is queued, a step whose activations would not fit."""
+        model = run.full_model if run.full_model is not None else worker.loaded.model
+        memory.check_step_fits(
+            memory.Shape.of(model),
+            batch,
+            self.device,
+            run.checkpoint_layers,
+            run.lora.rank if run.lora is not None else None,
+            str(model.dtype).removeprefix("torch."),
         )
 
     def _reference_adapter(self, run: Run, reference: str | None) -> LoRAAdapter | None:
@@ -243,7 +301,8 @@ class Engine:
         key = (str(folder), saved.modified_ns)
         with self._lock:
             if key not in self._references:
-                self._references[key] = LoRAAdapter.load_peft(folder).requires_grad_(False)
+                adapter = LoRAAdapter.load_peft(folder, self.device)
+                self._references[key] = adapter.requires_grad_(False)
             return self._references[key]
 
     def optim_step(self, run_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:

@@ -1,10 +1,10 @@
 """The decode batch's KV cache: prompts' caches combined, and appended to in place.
 
 `batch_cache` turns the batch-1 caches of the prompts (one prefill each) into the cache of a
-decode batch: prompt j's keys and values fill `counts[j]` consecutive rows, left-padded with zeros
-to the longest prompt, and an attention mask (1 = real, 0 = padding) hides the padding. Zeros, not
-uninitialised memory, so a masked position is finite: attention weights it by exactly 0, and
-0 · NaN would still be NaN.
+decode batch, on their device and in their dtype: prompt j's keys and values fill `counts[j]`
+consecutive rows, left-padded with zeros to the longest prompt, and an attention mask (1 = real,
+0 = padding) hides the padding. Zeros, not uninitialised memory, so a masked position is finite:
+attention weights it by exactly 0, and 0 · NaN would still be NaN.
 
 The layers are `DynamicLayer`s (so the model treats the cache as the `DynamicCache` it is) that
 append into buffers with room to spare. A plain `DynamicLayer` appends with `torch.cat`, copying
@@ -84,7 +84,8 @@ def batch_cache(
         combined.layers.append(BufferLayer(*buffers, length=longest))
     if min(lengths) == longest:
         return combined, None
-    mask = torch.ones(rows, longest + steps, dtype=torch.int64)
+    device = caches[0].layers[0].keys.device
+    mask = torch.ones(rows, longest + steps, dtype=torch.int64, device=device)
     for start, count, length in zip(starts, counts, lengths, strict=True):
         mask[start : start + count, : longest - length] = 0
     return combined, mask

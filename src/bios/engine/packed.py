@@ -1,4 +1,4 @@
-"""Linear layers with prepacked weights for decoding batches of rows (oneDNN, CPU).
+"""Linear layers with prepacked weights for decoding batches of rows (oneDNN, CPU, float32 only).
 
 A decode step multiplies a few rows (one per sample) by every weight matrix of the model. oneDNN
 can lay a weight out once in the blocked format its GEMM wants ("prepacking"); at a few rows that
@@ -51,7 +51,13 @@ FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _packable(module: nn.Module | None) -> bool:
-    return isinstance(module, nn.Linear) and module.weight.dtype == torch.float32
+    """A float32 linear layer on the CPU: the only layout prepacked here (a bf16 or GPU model
+    has none, and decodes with its own kernels)."""
+    return (
+        isinstance(module, nn.Linear)
+        and module.weight.dtype == torch.float32
+        and module.weight.device.type == "cpu"
+    )
 
 
 class _FusedGroup:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,6 +28,12 @@ from bios.checkpoints.layout import (
     write_state,
 )
 from bios.engine.batch import PackedBatch
+from bios.engine.forward import (
+    batch_logits,
+    gather_logprobs,
+    layer_checkpointing,
+    target_logprobs,
+)
 from bios.engine.kept_graph import KeptForward
 from bios.errors import InvalidInputError
 from bios.models.lora import AdapterHost, LoRAAdapter
@@ -46,21 +51,6 @@ from bios.types import (
 _MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 
-def batch_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """(B, T, V) float32 logits of the padded batch."""
-    return model(input_ids=batch.input_ids, use_cache=False).logits.float()
-
-
-def gather_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """log p(target_t | tokens_≤t) for every real token of the batch, flattened in datum order."""
-    token_nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
-    return -token_nll.view_as(batch.targets)[batch.mask]
-
-
-def target_logprobs(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
-    return gather_logprobs(batch_logits(model, batch), batch)
-
-
 class Run(Protocol):
     """What the engine, its workers and sampling sessions ask of a run: `TrainingRun` in one
     process, `bios.distributed.leader.LeaderRun` (rank 0's handle on a run every rank holds).
@@ -72,6 +62,7 @@ class Run(Protocol):
     base_model: str
     lora: LoraConfig | None
     user_metadata: dict[str, str]
+    checkpoint_layers: bool  # gradient checkpointing of the decoder layers
 
     @property
     def is_lora(self) -> bool: ...
@@ -131,11 +122,18 @@ class TrainingRun:
         self.base_model = base_model
         self.lora = lora
         self.user_metadata: dict[str, str] = {}  # the creator's labels, kept with the run
+        self.checkpoint_layers = False  # recompute each decoder layer in the backward pass
         self._host = host
         self.adapter = LoRAAdapter.for_model(host.model, lora) if lora is not None else None
         self.full_model = full_model
         if self.full_model is not None:
             self.full_model.requires_grad_(True)
+        # Where the weights are: every batch is moved here, every result comes back to the CPU.
+        weights = full_model if full_model is not None else host.model
+        self.device = next(weights.parameters()).device
+        # The base model's dtype: a full fine-tuning run's float32 master weights compute in it
+        # under autocast (`autocast`); a LoRA run's base is in it already.
+        self.compute_dtype = host.model.dtype
         self.parameters = self._trainable()
         self.optimizer = torch.optim.AdamW(list(self.parameters.values()), lr=0.0, fused=True)
         self.steps = 0
@@ -151,6 +149,12 @@ class TrainingRun:
             return {f"{m}.{f}": p for m, f, p in self.adapter.named_factors()}
         assert self.full_model is not None
         return dict(self.full_model.named_parameters())  # tied weights appear once
+
+    def autocast(self) -> torch.autocast:
+        """Full fine-tuning on a bf16 engine: matrix products in bf16 from the float32 master
+        weights (gradients reach them in float32). A no-op for LoRA runs and float32 engines."""
+        enabled = self.full_model is not None and self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
 
     @contextmanager
     def model(self) -> Iterator[nn.Module]:
@@ -180,14 +184,15 @@ class TrainingRun:
         (see `kept_graph.py`); such a backward then skips its forward pass.
         """
         kept, self.kept = self.kept, None
-        inputs = batch.inputs
+        here = batch.to(self.device)
+        inputs = here.inputs
         if objective.needs_reference and REF_LOGPROBS not in inputs:
-            inputs = {**inputs, REF_LOGPROBS: self.reference_logprobs(batch, reference)}
-        with torch.set_grad_enabled(backward or keep_graph), self.model() as model:
+            inputs = {**inputs, REF_LOGPROBS: self.reference_logprobs(here, reference)}
+        with torch.set_grad_enabled(backward or keep_graph), self.model() as model, self.autocast():
             if backward and kept is not None and kept.serves(batch, self.weights_version):
                 logprobs = kept.logprobs
             else:
-                logprobs = target_logprobs(model, batch)
+                logprobs = target_logprobs(model, here, checkpoint_layers=self.checkpoint_layers)
             loss, metrics = objective.fn(logprobs, inputs, config)
             if backward:
                 loss.backward()
@@ -209,11 +214,17 @@ class TrainingRun:
         the backward pass, so a bad loss leaves the gradients as they were.
         """
         self.kept = None
-        with torch.enable_grad(), self.model() as model:
-            logits = batch_logits(model, batch)
-            logprobs = gather_logprobs(logits, batch)
-            given = batch.split(logprobs if input_type == "logprobs" else logits[batch.mask])
-            del logits  # (B, T, vocab): not held through the user's function and the backward
+        here = batch.to(self.device)
+        with torch.enable_grad(), self.model() as model, self.autocast():
+            if input_type == "logprobs":  # over chunks: no full logits held
+                logprobs = target_logprobs(model, here, checkpoint_layers=self.checkpoint_layers)
+                given = here.split(logprobs)
+            else:
+                with layer_checkpointing(model, self.checkpoint_layers):
+                    logits = batch_logits(model, here)
+                logprobs = gather_logprobs(logits, here)
+                given = here.split(logits[here.mask])
+                del logits  # (R, L, vocab): only the real tokens' rows are held from here
             loss, metrics = checked_custom_result(loss_fn(list(data), given))
             loss.backward()
         return forward_output(batch, logprobs, loss, metrics)
@@ -222,7 +233,7 @@ class TrainingRun:
     def reference_logprobs(self, batch: PackedBatch, adapter: LoRAAdapter | None) -> torch.Tensor:
         """Target logprobs under a frozen reference that shares the base weights."""
         with self._host.use(adapter) as model:
-            return target_logprobs(model, batch)
+            return target_logprobs(model, batch.to(self.device))
 
     def optim_step(self, params: AdamParams) -> OptimStepResponse:
         """One AdamW step on the accumulated gradients, which are then cleared.
@@ -264,12 +275,12 @@ class TrainingRun:
         digest = hashlib.sha256()
         for name, param in self.parameters.items():
             digest.update(name.encode())
-            digest.update(param.detach().numpy().tobytes())
+            digest.update(param.detach().cpu().numpy().tobytes())
             if param.grad is not None:
-                digest.update(param.grad.numpy().tobytes())
+                digest.update(param.grad.cpu().numpy().tobytes())
             for key, value in sorted(self.optimizer.state.get(param, {}).items()):
                 digest.update(key.encode())
-                digest.update(torch.as_tensor(value).numpy().tobytes())
+                digest.update(torch.as_tensor(value).cpu().numpy().tobytes())
         digest.update(str(self.steps).encode())
         return digest.hexdigest()
 
@@ -328,7 +339,9 @@ class TrainingRun:
         self.weights_version += 1
         self.optimizer.state.clear()
         for name, state in optimizer_state.items():
-            self.optimizer.state[self.parameters[name]] = state
+            param = self.parameters[name]
+            # Fused AdamW wants every moment (`step` too) on its parameter's device.
+            self.optimizer.state[param] = {k: v.to(param.device) for k, v in state.items()}
         self.steps = steps
 
     def _read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
@@ -380,8 +393,8 @@ class TrainingRun:
         """Greedy decoding with a KV cache (a small helper; the sampler does the real work)."""
         with self.model() as model:
             output = model.generate(
-                torch.tensor([tokens]),
-                attention_mask=torch.ones(1, len(tokens), dtype=torch.int64),
+                torch.tensor([tokens], device=self.device),
+                attention_mask=torch.ones(1, len(tokens), dtype=torch.int64, device=self.device),
                 max_new_tokens=max_tokens,
                 do_sample=False,
                 eos_token_id=stop_ids or None,
@@ -393,8 +406,10 @@ class TrainingRun:
 def forward_output(
     batch: PackedBatch, logprobs: torch.Tensor, loss: torch.Tensor, metrics: dict[str, float]
 ) -> ForwardBackwardOutput:
-    """A forward's result: each datum's target logprobs and the metrics, `loss:sum` first."""
-    outputs = [{"logprobs": TensorData.from_torch(p)} for p in batch.split(logprobs.detach())]
+    """A forward's result: each datum's target logprobs (float32, on the CPU) and the metrics,
+    `loss:sum` first."""
+    on_cpu = logprobs.detach().to("cpu", torch.float32)
+    outputs = [{"logprobs": TensorData.from_torch(p)} for p in batch.split(on_cpu)]
     return ForwardBackwardOutput(
         loss_fn_outputs=outputs, metrics={"loss:sum": float(loss.detach()), **metrics}
     )

@@ -80,7 +80,9 @@ class SamplingSession:
         if run.adapter is not None:
             return cls(worker, run.base_model, adapter=frozen_copy(run.adapter))
         assert run.full_model is not None
-        return cls(worker, run.base_model, full_model=frozen_copy(run.full_model))
+        # The float32 master weights, sampled from in the base model's dtype.
+        full_model = frozen_copy(run.full_model).to(worker.dtype)
+        return cls(worker, run.base_model, full_model=full_model)
 
     @classmethod
     def of_checkpoint(
@@ -90,11 +92,11 @@ class SamplingSession:
         base_model = read_state(folder, field).base_model
         worker = worker_of(base_model)
         if has_adapter(folder):
-            adapter = LoRAAdapter.load_peft(folder).requires_grad_(False)
+            adapter = LoRAAdapter.load_peft(folder, worker.device).requires_grad_(False)
             _check_adapter_fits(adapter, worker.loaded.model, field)
             return cls(worker, base_model, adapter=adapter)
         if has_full_weights(folder):
-            model = load_model(base_model).model
+            model = load_model(base_model, worker.dtype, worker.device).model
             result = model.load_state_dict(load_file(folder / FULL_WEIGHTS_FILE), strict=False)
             if result.unexpected_keys:
                 raise InvalidInputError(

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
+import torch
+
 from bios.engine.runs import Run
 from bios.models.loading import LoadedModel
 from bios.models.lora import AdapterHost
@@ -36,6 +38,16 @@ class ModelWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="bios-worker", daemon=True)
         self._thread.start()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the base model is: every tensor made for it (adapters, KV caches) goes there."""
+        return next(self.loaded.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base model's dtype (its adapters are float32 whatever it is)."""
+        return next(self.loaded.model.parameters()).dtype
 
     @property
     def vocab_size(self) -> int:

@@ -232,17 +232,27 @@ class LoadedModel:
         return tuple(sorted(ids))
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    name: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> LoadedModel:
     """Resolve `name` and load it frozen (eval mode, no grads): the shared base of a worker.
+
+    The weights are read straight into `dtype` (a bf16 checkpoint never exists in float32 here)
+    and onto `device` (None: the CPU). Off the CPU, `device_map` places each tensor on the device
+    as its shard is read, so a model larger than host memory still loads onto a GPU. (The engine
+    resolves device and dtype names, `bios.engine.devices`; this takes torch's own types.)
 
     The catalog's spec is used only when its hidden size agrees with the loaded config, so a local
     folder that happens to share a known model's name cannot borrow the wrong numbers.
     """
     path = resolve_model_path(name)
+    options: dict[str, Any] = {"dtype": dtype}
+    if device is not None and torch.device(device).type != "cpu":
+        options["device_map"] = {"": torch.device(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **options)
     except (ValueError, ImportError):  # an architecture without an SDPA implementation
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **options)
     model.eval()
     model.requires_grad_(False)
     spec = lookup(name)

@@ -6,6 +6,11 @@ whichever adapter is active,
 
     y = W x + (α / r) · B (A x),    A: r×in (random),  B: out×r (zeros, so a new run = the base).
 
+Precision: A and B are float32 on the base model's device whatever the base dtype, so their AdamW
+moments are float32 too. The hook computes the delta in float32 from the layer's input and adds it
+to the layer's output (bf16 or float32) in the output's dtype; on a float32 model that is exactly
+the formula above, nothing is converted.
+
 On disk an adapter is a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) that
 `peft.PeftModel.from_pretrained` loads.
 """
@@ -97,14 +102,25 @@ class LoRAAdapter(nn.Module):
                 "LoRA config selects no layers: enable train_attn, train_mlp or train_unembed"
             )
         shapes = {name: (m.in_features, m.out_features) for name, m in targets.items()}
-        return cls(shapes, config.rank, seed=config.seed)
+        # Drawn on the CPU (the same factors for a seed on every device), then moved.
+        device = next(iter(targets.values())).weight.device
+        return cls(shapes, config.rank, seed=config.seed).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.lora_A.values())).device
 
     def delta(self, module_name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """(α/r) · B (A x) in float32 (a float32 `x` is used as it is, a bf16 one converted)."""
         key = _key(module_name)
         if key not in self.lora_A:
             return None
+        a, b = self.lora_A[key], self.lora_B[key]
+        if torch.is_autocast_enabled(x.device.type):  # float32 even inside an autocast region
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(F.linear(x.to(a.dtype), a) * self.scale, b)
         # Scaling the rank-r intermediate, not the full-width output, saves a pass over it.
-        return F.linear(F.linear(x, self.lora_A[key]) * self.scale, self.lora_B[key])
+        return F.linear(F.linear(x.to(a.dtype), a) * self.scale, b)
 
     def merged_weight(self, module_name: str) -> torch.Tensor:
         """ΔW = (α/r) · B A, the update this adapter adds to the base weight."""
@@ -120,8 +136,9 @@ class LoRAAdapter(nn.Module):
     # ---- PEFT format -------------------------------------------------------------------------
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The factors under PEFT's names, on the CPU (as they are, on a CPU adapter)."""
         return {
-            f"{_PEFT_PREFIX}{name}.{factor}.weight": param.detach().contiguous()
+            f"{_PEFT_PREFIX}{name}.{factor}.weight": param.detach().cpu().contiguous()
             for name, factor, param in self.named_factors()
         }
 
@@ -153,8 +170,9 @@ class LoRAAdapter(nn.Module):
         save_file(self.peft_state_dict(), folder / ADAPTER_WEIGHTS_FILE)
 
     @classmethod
-    def load_peft(cls, folder: Path) -> LoRAAdapter:
-        """Read a PEFT LoRA folder (as written by `save_peft` or by PEFT itself)."""
+    def load_peft(cls, folder: Path, device: torch.device | str | None = None) -> LoRAAdapter:
+        """Read a PEFT LoRA folder (as written by `save_peft` or by PEFT itself); the factors are
+        float32 (whatever the file holds), on `device` (None: the CPU)."""
         config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
         if config.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{folder}: not a LoRA adapter (peft_type={config.get('peft_type')})")
@@ -167,7 +185,7 @@ class LoRAAdapter(nn.Module):
         with torch.no_grad():
             for name, factor, param in adapter.named_factors():
                 param.copy_(factors[name][factor])
-        return adapter
+        return adapter if device is None else adapter.to(device)
 
 
 def _split_peft_key(key: str) -> tuple[str, str]:
@@ -204,6 +222,7 @@ class AdapterHost:
                 return None
             # In place: a linear layer's backward never reads its output, and a second
             # full-width tensor per layer is what LoRA's memory would otherwise be spent on.
+            # A bf16 output takes the float32 delta rounded once (output + delta, in float32).
             return output.add_(delta)
 
         return hook

@@ -57,7 +57,8 @@ def open_run(
     require_packages(config.tensorboard, config.wandb)
     if saved is None:
         folder.write_config({"recipe": recipe, **to_json(config)})
-    service = service if service is not None else ServiceClient(base_url=config.base_url)
+    if service is None:
+        service = ServiceClient(base_url=config.base_url, device=config.device, dtype=config.dtype)
 
     last = folder.last_checkpoint() if config.resume else None
     if last is not None:

@@ -64,13 +64,33 @@ class TrainConfig:
     base_url: str | None = option(
         None, "train on a `bios serve` server (default: in-process)", metavar="URL"
     )
+    device: str | None = option(
+        None,
+        "in-process engine's device: cpu, cuda, cuda:N (default: $BIOS_DEVICE, else a GPU if any)",
+        metavar="DEVICE",
+    )
+    dtype: str | None = option(
+        None,
+        "in-process base models' dtype (default: bf16 on GPUs, CPUs with native bf16; else fp32)",
+        ("auto", "bf16", "fp32"),
+    )
     tensorboard: bool = option(False, "also log to TensorBoard (needs `tensorboard`)")
     wandb: bool = option(False, "also log to wandb, offline (needs `wandb`)")
     progress: bool = option(True, "show the progress bar")
 
 
 # Settings of a session, not of the training trajectory: a resumed run may change them.
-SESSION_FIELDS = ("resume", "base_url", "tensorboard", "wandb", "progress", "runs_dir", "name")
+SESSION_FIELDS = (
+    "resume",
+    "base_url",
+    "device",
+    "dtype",
+    "tensorboard",
+    "wandb",
+    "progress",
+    "runs_dir",
+    "name",
+)
 ALIASES = {"eval": "eval_data"}
 
 

@@ -208,7 +208,13 @@ def run_sweep(config: SweepConfig, service: ServiceClient | None = None) -> Swee
     variations, default, notes, out = plan(config)
     out.mkdir(parents=True, exist_ok=True)
     # One client for every variation: the engine loads the base model once and LoRA runs share it.
-    service = service if service is not None else ServiceClient(base_url=config.sft.base_url)
+    service = (
+        service
+        if service is not None
+        else ServiceClient(
+            base_url=config.sft.base_url, device=config.sft.device, dtype=config.sft.dtype
+        )
+    )
     finished = []
     for variation in variations:
         folder = sft.run(variation.config, service)

@@ -71,7 +71,11 @@ def create_model(body: CreateModelBody, state: State, tenant: Tenant) -> dict:
 
     def create() -> dict:
         created = state.engine.create_run(
-            body.base_model, lora, run_id, user_metadata=body.user_metadata
+            body.base_model,
+            lora,
+            run_id,
+            user_metadata=body.user_metadata,
+            gradient_checkpointing=body.gradient_checkpointing,
         )
         lora_row = lora.model_dump() if lora is not None else None
         state.store.add_run(

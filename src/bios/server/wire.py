@@ -44,6 +44,7 @@ class CreateModelBody(Body):
     lora_config: LoraConfigBody | None = None
     user_metadata: dict[str, Any] | None = None
     full_finetune: bool = False  # Bios extension: train every weight instead of an adapter
+    gradient_checkpointing: bool = False  # Bios extension: recompute layers in the backward
 
 
 class ModelBody(Body):

@@ -1,0 +1,138 @@
+"""The model's forward over a packed batch, and the target logprobs it gives.
+
+    hidden states   the decoder on the packed rows: position ids restart with every sequence and
+                    the block-diagonal causal mask keeps sequences apart (`PackedBatch`)
+    logprobs        log p(target_t | tokens_≤t) = z_t[target_t] − logsumexp(z_t), z_t = W_out h_t,
+                    computed in float32 over chunks of at most `chunk_tokens` real tokens, so a
+                    step never holds more than one chunk of (tokens × vocabulary) logits: with
+                    gradients on, each chunk is recomputed in the backward pass (activation
+                    checkpointing of the unembedding) instead of being kept
+
+With `checkpoint_layers`, each decoder layer runs under activation checkpointing: its inputs are
+kept and everything inside it is recomputed in the backward pass (about one more forward of the
+layers, for activation memory of one layer instead of all of them; for long sequences).
+
+`batch_logits` is the unchunked path: every position's logits at once, for a custom objective that
+asks for them (`loss_type_input="logits"`) and for runs whose modules must be called as a whole
+(FSDP2-sharded models, models with a logit transform after the unembedding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bios.engine.batch import PackedBatch
+
+# Bytes of float32 logits a chunk may hold (its gradient and log-softmax are as large again):
+# 64 MiB is 341 tokens of a 49k vocabulary, 130 of Llama-3's 128k.
+CHUNK_LOGIT_BYTES = 64 << 20
+MIN_CHUNK_TOKENS = 64
+
+
+def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> int:
+    """Tokens per chunk: as many as fit `budget_bytes` of float32 logits, at least 64."""
+    return max(MIN_CHUNK_TOKENS, budget_bytes // (4 * vocab_size))
+
+
+def model_inputs(model: nn.Module, batch: PackedBatch) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a forward over the packed rows."""
+    eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+    mask = batch.attention_mask(model.dtype if eager else None)
+    return {
+        "input_ids": batch.input_ids,
+        "position_ids": batch.position_ids,
+        "attention_mask": mask,
+    }
+
+
+def can_chunk(model: nn.Module) -> bool:
+    """Whether logits are exactly `output_embeddings(decoder(x))`: true of Llama, Qwen2 and
+    Qwen3; false where a transform follows the unembedding (Gemma's soft-capping, scaled
+    logits), which the unchunked path leaves to the model's own forward."""
+    config = model.config.get_text_config()
+    transforms = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    return (
+        hasattr(model, "get_decoder")
+        and model.get_output_embeddings() is not None
+        and all(getattr(config, name, None) in (None, 1.0) for name in transforms)
+    )
+
+
+def batch_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """(R, L, V) float32 logits of every position of the packed rows."""
+    return model(**model_inputs(model, batch), use_cache=False).logits.float()
+
+
+def gather_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """log p(target_t | tokens_≤t) for every real token, flattened in datum order."""
+    return _logprobs_of(logits[batch.mask], batch.flat_targets())
+
+
+def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _logprobs_of(head(hidden), targets)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder's list of layers (`model.model.layers` in Llama, Qwen2, Qwen3), or None."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def layer_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """While the block runs, each decoder layer's forward is checkpointed (when `enabled` and
+    gradients are on). The recomputation in the backward pass calls the original forward, which
+    the checkpoint keeps, so the layers may be restored as soon as the forward is done."""
+    layers = decoder_layers(model) if enabled and torch.is_grad_enabled() else None
+    if layers is None:
+        yield
+        return
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute: the class's forward shows again
+
+
+def target_logprobs(
+    model: nn.Module,
+    batch: PackedBatch,
+    chunk_tokens: int | None = None,
+    checkpoint_layers: bool = False,
+) -> torch.Tensor:
+    """(sum of lengths,) float32 target logprobs in datum order, the unembedding and the
+    log-softmax run over chunks of real tokens (see the module docstring)."""
+    if not can_chunk(model):
+        with layer_checkpointing(model, checkpoint_layers):
+            return gather_logprobs(batch_logits(model, batch), batch)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    with layer_checkpointing(model, checkpoint_layers):
+        hidden = decoder(**model_inputs(model, batch), use_cache=False).last_hidden_state
+    hidden, targets = hidden[batch.mask], batch.flat_targets()
+    size = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
+    pieces = []
+    for start in range(0, len(targets), size):
+        chunk = (head, hidden[start : start + size], targets[start : start + size])
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logprobs, *chunk, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*chunk))
+    return torch.cat(pieces)

@@ -1,0 +1,172 @@
+"""Memory planned before work is queued: what a run or a request needs, against what is free.
+
+A request that does not fit is refused with the numbers and the setting to change, instead of
+dying in an out-of-memory crash that would take every tenant's runs on the worker with it.
+
+What a training request holds at its peak (per decoder layer l = 1…L, per real token, with
+b = bytes per element of the base model's dtype, h = hidden size, k = the key/value width
+(kv heads × head dim), i = the MLP width):
+
+    activations   L · tokens · (b·(6h + 2k + 4i) + 16h)
+                  the inputs of the attention and MLP projections (shared by q/k/v and gate/up),
+                  rotated q and k, the attention output and its log-sum-exp, the MLP's gate, up
+                  and product; 16h: RMSNorm computes in float32 and keeps its input and output
+                  so (two norms a layer, 2 × 2h × 4 bytes)
+                  with gradient checkpointing: L · tokens · b·h (each layer's input) plus one
+                  layer's activations while it is recomputed
+    attention     the block-diagonal mask, rows × row length² (1 byte, bool)
+    logits        one chunk: chunk tokens × vocabulary × 4 bytes × 3 (the logits, their
+                  log-softmax and its gradient; `engine/forward.py`)
+    LoRA          per token and adapted layer, the rank-r intermediate A·x (r × 4 bytes), small
+
+A run holds its trainable parameters in float32 four times over: weights, gradients, and the
+two AdamW moments (16 bytes a parameter); a full fine-tuning run also its own copy of the model.
+
+The estimates are upper bounds of what autograd keeps (a test compares them with the bytes it
+saves on real models); the free memory is the device's (`torch.cuda.mem_get_info` plus what
+torch's caching allocator holds unused) or the host's `MemAvailable`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bios.engine.batch import PackedBatch
+from bios.engine.forward import chunk_tokens_for
+from bios.errors import InvalidInputError
+from bios.models.lora import find_targets, target_names
+from bios.types import LoraConfig
+
+GIB = 1 << 30
+# Refuse what would leave less than this share of the free memory: allocator fragmentation,
+# temporaries of the backward pass and the other requests of the worker need room too.
+HEADROOM = 0.9
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a model that memory depends on."""
+
+    layers: int
+    hidden: int
+    kv_width: int
+    intermediate: int
+    vocab: int
+    dtype_bytes: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Shape:
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            kv_width=kv_heads * head_dim,
+            intermediate=config.intermediate_size,
+            vocab=model.get_output_embeddings().weight.shape[0],
+            dtype_bytes=model.dtype.itemsize,
+        )
+
+    def layer_bytes_per_token(self) -> int:
+        b, h = self.dtype_bytes, self.hidden
+        return b * (6 * h + 2 * self.kv_width + 4 * self.intermediate) + 16 * h
+
+
+def step_bytes(
+    shape: Shape, batch: PackedBatch, checkpoint_layers: bool, lora_rank: int | None
+) -> int:
+    """What a forward + backward of `batch` holds at its peak (see the module docstring)."""
+    tokens = batch.input_ids.numel()  # the padding at the rows' ends is computed too
+    per_layer = shape.layer_bytes_per_token()
+    if checkpoint_layers:
+        activations = shape.layers * tokens * shape.dtype_bytes * shape.hidden
+        activations += tokens * per_layer
+    else:
+        activations = shape.layers * tokens * per_layer
+    rows, width = batch.input_ids.shape
+    attention = rows * width * width
+    chunk = min(batch.num_tokens, chunk_tokens_for(shape.vocab))
+    logits = chunk * shape.vocab * 4 * 3
+    lora = shape.layers * tokens * 7 * 4 * (lora_rank or 0)  # 7 adapted projections a layer
+    return activations + attention + logits + lora
+
+
+def trainable_parameters(model: nn.Module, lora: LoraConfig | None) -> int:
+    """Parameters a run would train: r·(in + out) per adapted layer, or the whole model."""
+    if lora is None:
+        return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    targets = find_targets(model, target_names(lora))
+    return sum(lora.rank * (m.in_features + m.out_features) for m in targets.values())
+
+
+def run_bytes(trainable_parameters: int, full_model_bytes: int = 0) -> int:
+    """A run's own memory: float32 weights, gradients and two AdamW moments, and a full
+    fine-tuning run's copy of the model."""
+    return 16 * trainable_parameters + full_model_bytes
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on `device` now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + unused_cache
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: nothing to plan against
+        return 1 << 62
+
+
+def check_step_fits(
+    shape: Shape,
+    batch: PackedBatch,
+    device: torch.device,
+    checkpoint_layers: bool,
+    lora_rank: int | None,
+    dtype_name: str,
+) -> None:
+    """Refuse a forward + backward that would not fit, naming the numbers and what to change."""
+    needed = step_bytes(shape, batch, checkpoint_layers, lora_rank)
+    free = free_bytes(device)
+    if needed <= HEADROOM * free:
+        return
+    per_token = needed / max(batch.input_ids.numel(), 1)
+    fits = int(HEADROOM * free / per_token)
+    advice = [f"send at most about {fits} tokens per request (this one has {batch.num_tokens})"]
+    if not checkpoint_layers:
+        advice.append("create the run with gradient_checkpointing=True")
+    if shape.dtype_bytes > 2:
+        advice.append("load the base model in bf16 (--dtype bf16)")
+    raise InvalidInputError(
+        "data",
+        f"this request needs about {gib(needed)} on {device} for its forward and backward "
+        f"({batch.num_tokens} tokens, {dtype_name}) but {gib(free)} is free; "
+        + "; or ".join(advice),
+    )
+
+
+def check_run_fits(trainable_parameters: int, full_model_bytes: int, device: torch.device) -> None:
+    """Refuse a new run whose weights, gradients and AdamW moments would not fit."""
+    needed = run_bytes(trainable_parameters, full_model_bytes)
+    free = free_bytes(device)
+    if needed <= HEADROOM * free:
+        return
+    raise InvalidInputError(
+        "model",
+        f"a new run needs about {gib(needed)} on {device} ({trainable_parameters:,} trainable "
+        f"parameters × 16 bytes for weights, gradients and AdamW moments"
+        + (f", plus {gib(full_model_bytes)} for its copy of the model" if full_model_bytes else "")
+        + f") but {gib(free)} is free; use a smaller LoRA rank, LoRA instead of full "
+        "fine-tuning, or free runs (unload_model)",
+    )

@@ -1,0 +1,286 @@
+"""The engine's forward: packed batches, the chunked loss and gradient checkpointing give the
+same numbers as a padded batch, full logits and a plain backward.
+
+References are computed here, independently of Bios's forward: each sequence alone through a
+plain transformers forward (what padding computes: no token sees another sequence), and the
+full (tokens × vocabulary) logits through the model's own forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bios.client.service import ServiceClient
+from bios.engine.batch import pack_batch, pack_sequences, resolve_config, resolve_objective
+from bios.engine.engine import Engine
+from bios.engine.forward import batch_logits, chunk_tokens_for, gather_logprobs, target_logprobs
+from bios.errors import InvalidInputError
+from bios.types import Datum, ModelInput
+from helpers import random_datum, reference_logprobs
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+LENGTHS = (7, 3, 12, 5, 12, 1, 9)  # uneven: rows hold several sequences and end in padding
+
+
+def test_pack_sequences_layout():
+    rows = [torch.arange(n) + 10 * i for i, n in enumerate((4, 2, 3, 4, 1))]
+    batch = pack_sequences(rows, rows, {})
+    # Rows as long as the longest sequence (4), filled in order while the next one fits.
+    assert batch.segment_ids.tolist() == [
+        [0, 0, 0, 0],
+        [1, 1, -1, -1],
+        [2, 2, 2, -1],
+        [3, 3, 3, 3],
+        [4, -1, -1, -1],
+    ]
+    assert batch.position_ids[1].tolist() == [0, 1, 0, 1]  # padding numbered on its own
+    assert batch.input_ids[batch.mask].tolist() == torch.cat(rows).tolist()  # datum order
+
+    sequences = [torch.arange(3), torch.arange(1) + 5, torch.arange(2) + 7]
+    shared = pack_sequences(sequences, sequences, {})
+    assert shared.segment_ids.tolist() == [[0, 0, 0], [1, 2, 2]]
+    assert shared.position_ids.tolist() == [[0, 1, 2], [0, 0, 1]]
+    # Causal within a sequence, nothing across: token 5 and tokens 7, 8 share a row only.
+    assert shared.attention_mask()[1, 0].tolist() == [
+        [True, False, False],
+        [False, True, False],
+        [False, True, True],
+    ]
+    additive = shared.attention_mask(torch.float32)[1, 0]
+    assert additive[0, 0] == 0 and additive[0, 1] == torch.finfo(torch.float32).min
+    selected = shared.select(1, 3)
+    assert selected.lengths == [1, 2]
+    assert selected.segment_ids.tolist() == [[0, -1], [1, 1]]
+    assert selected.input_ids[selected.mask].tolist() == [5, 7, 8]
+
+
+def uneven_data(vocab: int, loss_fn: str, seed: int = 0) -> list[Datum]:
+    generator = torch.Generator().manual_seed(seed)
+    return [random_datum(vocab, n, loss_fn, generator) for n in LENGTHS]
+
+
+def perturbed_client(service: ServiceClient, engine: Engine, model: str, seed: int = 0):
+    """A LoRA run whose B factors are non-zero, so the adapter changes the logits."""
+    client = service.create_lora_training_client(model, rank=4, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in engine.run(client.model_id).parameters.items():
+            if name.endswith("lora_B"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return client
+
+
+def grads_of(engine: Engine, run_id: str) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in engine.run(run_id).parameters.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_logprobs_and_gradients_equal_each_sequence_alone(
+    family, tiny_models, session_engine: Engine
+):
+    """Packing several sequences into a row changes nothing: logprobs equal a plain forward of
+    each sequence alone, and the gradients equal those of the padded batch, within 1e-5 in
+    float32."""
+    service = ServiceClient(engine=session_engine)
+    client = perturbed_client(service, session_engine, tiny_models[family])
+    run = session_engine.run(client.model_id)
+    data = uneven_data(384, "cross_entropy")
+    batch = pack_batch(data, resolve_objective("cross_entropy"), 384, 1 << 20)
+    assert batch.input_ids.shape[0] < len(data), "the test must pack sequences together"
+
+    output = client.forward_backward(data, "cross_entropy").result()
+    packed_grads = grads_of(session_engine, client.model_id)
+    with run.model() as model, torch.no_grad():
+        for datum, result in zip(data, output.loss_fn_outputs, strict=True):
+            expected = reference_logprobs(model, datum)
+            torch.testing.assert_close(result["logprobs"].to_torch(), expected, atol=1e-5, rtol=0)
+
+    # Today's padded computation, written out: right-padded rows (under the causal mask a real
+    # token never sees the padding after it), the model's own forward, Σ w·logp.
+    for param in run.parameters.values():
+        param.grad = None
+    rows = [torch.tensor(d.model_input.to_ints()) for d in data]
+    targets = [d.loss_fn_inputs["target_tokens"].to_torch() for d in data]
+    weights = torch.cat([d.loss_fn_inputs["weights"].to_torch() for d in data])
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    real = torch.arange(padded.shape[1])[None, :] < torch.tensor(LENGTHS)[:, None]
+    with run.model() as model:
+        logits = model(input_ids=padded).logits.float()[real]
+        logprobs = torch.log_softmax(logits, -1).gather(-1, torch.cat(targets)[:, None])[:, 0]
+        (-(weights * logprobs).sum()).backward()
+    for name, grad in grads_of(session_engine, client.model_id).items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-5)
+
+
+OBJECTIVE_CASES = [
+    ("cross_entropy", "cross_entropy", {}),
+    ("importance_sampling", "importance_sampling", {}),
+    ("ppo", "ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
+    ("cispo", "cispo", {}),
+    ("dro", "dro", {"beta": 0.3}),
+    ("dpo", "cross_entropy", {"beta": 0.1}),
+    ("dpo_hinge", "cross_entropy", {}),
+    ("ipo", "cross_entropy", {}),
+    ("kl", "cross_entropy", {}),
+    ([("ppo", 1.0), ("kl", 0.05)], "ppo", {}),
+]
+
+
+def with_reference(data: list[Datum], seed: int) -> list[Datum]:
+    """The data with `ref_logprobs` (near a tiny model's own) and, for pairs, an even count."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for datum in data[: len(data) // 2 * 2]:
+        inputs = dict(datum.loss_fn_inputs)
+        length = datum.model_input.length
+        inputs["ref_logprobs"] = -6.0 + 0.3 * torch.randn(length, generator=generator)
+        if "weights" not in inputs:
+            inputs["weights"] = torch.ones(length)
+        out.append(Datum(model_input=datum.model_input, loss_fn_inputs=inputs))
+    return out
+
+
+@pytest.mark.parametrize(("loss_fn", "data_kind", "config"), OBJECTIVE_CASES, ids=str)
+def test_chunked_loss_equals_full_logits(loss_fn, data_kind, config, tiny_models, session_engine):
+    """Every built-in objective and a combination: the chunked unembedding (chunks of 4 tokens,
+    so every sequence spans several) gives the full-logits path's logprobs and loss within 1e-6
+    and gradients within 1e-6 of each gradient tensor's largest entry, in float32."""
+    service = ServiceClient(engine=session_engine)
+    client = perturbed_client(service, session_engine, tiny_models["qwen3"], seed=4)
+    run = session_engine.run(client.model_id)
+    objective = resolve_objective(loss_fn)
+    data = uneven_data(384, data_kind, seed=2)
+    if objective.needs_reference:
+        data = with_reference(data, seed=3)
+    batch = pack_batch(data, objective, 384, 1 << 20)
+    resolved = resolve_config(objective, config)
+
+    results = {}
+    for path in ("full", "chunked"):
+        for param in run.parameters.values():
+            param.grad = None
+        with run.model() as model:
+            if path == "full":
+                logprobs = gather_logprobs(batch_logits(model, batch), batch)
+            else:
+                logprobs = target_logprobs(model, batch, chunk_tokens=4)
+            loss, _ = objective.fn(logprobs, batch.inputs, resolved)
+            loss.backward()
+        results[path] = (logprobs.detach(), loss.detach(), grads_of(session_engine, run.run_id))
+    (lp_full, loss_full, g_full), (lp_chunk, loss_chunk, g_chunk) = results.values()
+    torch.testing.assert_close(lp_chunk, lp_full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss_chunk, loss_full, atol=1e-6, rtol=1e-6)
+    assert any(g.abs().sum() > 0 for g in g_full.values())
+    for name, grad in g_full.items():
+        # Norm-wise: a sum over tokens taken in chunks rounds differently from one GEMM, so
+        # entries of a gradient whose largest is ~200 differ by ~1e-6 absolute.
+        scale = float(grad.abs().max())
+        assert float((g_chunk[name] - grad).abs().max()) <= 1e-6 * max(scale, 1.0), name
+
+
+def test_chunk_size_follows_the_vocabulary():
+    assert chunk_tokens_for(49152) == (64 << 20) // (4 * 49152)  # 341 tokens of SmolLM2's
+    assert chunk_tokens_for(128256) == (64 << 20) // (4 * 128256)
+    assert chunk_tokens_for(10**9) == 64  # never fewer than 64 tokens
+
+
+def test_engine_forward_never_holds_full_logits(tiny_models, session_engine):
+    """The engine's step uses the chunked path: the model's own forward (which computes every
+    position's logits) is never called, its decoder and unembedding are."""
+    service = ServiceClient(engine=session_engine)
+    client = service.create_lora_training_client(tiny_models["llama"], rank=4, seed=0)
+    model = session_engine.worker_of(client.model_id).loaded.model
+    calls = {"model": 0, "unembedding tokens": 0}
+    handles = [
+        model.register_forward_hook(lambda *_: calls.__setitem__("model", calls["model"] + 1)),
+        model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _o: calls.__setitem__(
+                "unembedding tokens", max(calls["unembedding tokens"], args[0].shape[0])
+            )
+        ),
+    ]
+    try:
+        data = uneven_data(384, "cross_entropy")
+        client.forward_backward(data, "cross_entropy").result()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls["model"] == 0
+    assert 0 < calls["unembedding tokens"] <= chunk_tokens_for(384)
+
+
+def test_packing_keeps_prompt_order_for_a_single_token_sequence(tiny_models, session_engine):
+    """A one-token datum between longer ones (it shares a row) gets its own logprob."""
+    service = ServiceClient(engine=session_engine)
+    client = perturbed_client(service, session_engine, tiny_models["qwen2"], seed=7)
+    data = [
+        Datum(
+            model_input=ModelInput.from_ints(tokens),
+            loss_fn_inputs={"target_tokens": targets, "weights": [1.0] * len(tokens)},
+        )
+        for tokens, targets in (([5, 6, 7], [6, 7, 8]), ([9], [10]), ([11, 12], [12, 13]))
+    ]
+    output = client.forward(data, "cross_entropy").result()
+    run = session_engine.run(client.model_id)
+    with run.model() as model, torch.no_grad():
+        for datum, result in zip(data, output.loss_fn_outputs, strict=True):
+            expected = reference_logprobs(model, datum)
+            torch.testing.assert_close(result["logprobs"].to_torch(), expected, atol=1e-5, rtol=0)
+
+
+def saved_bytes(fn) -> tuple[object, int]:
+    """`fn()`'s result and the bytes of the tensors autograd saved for the backward meanwhile."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn()
+    return result, total[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_equals_the_plain_step(family, tiny_models, session_engine):
+    """A run with gradient checkpointing gets the same logprobs, loss and gradients as one
+    without (1e-6), while autograd keeps less for the backward (each layer's input only)."""
+    service = ServiceClient(engine=session_engine)
+    data = uneven_data(384, "ppo", seed=5)
+    results = {}
+    for checkpointing in (False, True):
+        client = service.create_lora_training_client(
+            tiny_models[family], rank=4, seed=8, gradient_checkpointing=checkpointing
+        )
+        run = session_engine.run(client.model_id)
+        assert run.checkpoint_layers is checkpointing
+        generator = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for name, param in run.parameters.items():
+                if name.endswith("lora_B"):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        batch = pack_batch(data, resolve_objective("ppo"), 384, 1 << 20)
+        config = resolve_config(resolve_objective("ppo"), {})
+        # On this thread (saved-tensor hooks are per thread), as the worker would run it.
+        output, saved = saved_bytes(
+            lambda r=run, b=batch, c=config: r.forward_backward(
+                b, resolve_objective("ppo"), c, True
+            )
+        )
+        results[checkpointing] = (output, grads_of(session_engine, client.model_id), saved)
+    (plain, plain_grads, plain_saved), (ckpt, ckpt_grads, ckpt_saved) = results.values()
+    assert ckpt.metrics["loss:sum"] == pytest.approx(plain.metrics["loss:sum"], abs=1e-6)
+    for a, b in zip(ckpt.loss_fn_outputs, plain.loss_fn_outputs, strict=True):
+        torch.testing.assert_close(
+            a["logprobs"].to_torch(), b["logprobs"].to_torch(), atol=1e-6, rtol=0
+        )
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-5)
+    assert 0 < ckpt_saved < plain_saved / 2
+
+
+def test_gradient_checkpointing_is_a_boolean(tiny_models, session_engine):
+    service = ServiceClient(engine=session_engine)
+    with pytest.raises(InvalidInputError, match="gradient_checkpointing: expected true or false"):
+        service.create_lora_training_client(tiny_models["llama"], gradient_checkpointing="yes")
