@@ -36,10 +36,11 @@ def test_pack_sequences_layout():
     ]
     assert batch.position_ids[1].tolist() == [0, 1, 0, 1]  # padding numbered on its own
     assert batch.input_ids[batch.mask].tolist() == torch.cat(rows).tolist()  # datum order
+    assert not batch.shares_rows  # one sequence a row: the plain causal mask suffices
 
     sequences = [torch.arange(3), torch.arange(1) + 5, torch.arange(2) + 7]
     shared = pack_sequences(sequences, sequences, {})
-    assert shared.segment_ids.tolist() == [[0, 0, 0], [1, 2, 2]]
+    assert shared.shares_rows and shared.segment_ids.tolist() == [[0, 0, 0], [1, 2, 2]]
     assert shared.position_ids.tolist() == [[0, 1, 2], [0, 0, 1]]
     # Causal within a sequence, nothing across: token 5 and tokens 7, 8 share a row only.
     assert shared.attention_mask()[1, 0].tolist() == [

@@ -47,6 +47,11 @@ class PackedBatch:
         return list(torch.split(flat, self.lengths))
 
     @property
+    def shares_rows(self) -> bool:
+        """Whether some row holds more than one sequence (and so needs the block mask)."""
+        return self.input_ids.shape[0] < len(self.lengths)
+
+    @property
     def num_tokens(self) -> int:
         return sum(self.lengths)
 
@@ -128,7 +133,19 @@ def pack_sequences(
     return PackedBatch(input_ids, padded_targets, mask, lengths, inputs, position_ids, segment_ids)
 
 
+# Loss inputs, settings and weights are computed with in float32: a value past its range (finite
+# in float64, as JSON reads it) would be inf there and poison the gradients.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def resolve_objective(loss_fn: LossFn) -> Objective:
+    if not isinstance(loss_fn, str) and isinstance(loss_fn, Sequence):
+        for index, part in enumerate(loss_fn):
+            weight = part[1] if isinstance(part, Sequence) and len(part) == 2 else None
+            if isinstance(weight, int | float) and not abs(weight) <= FLOAT32_MAX:
+                raise InvalidInputError(
+                    f"loss_fn[{index}]", f"weight {weight!r} is not a finite float32 number"
+                )
     try:
         return get_objective(loss_fn)
     except ValueError as error:
@@ -161,9 +178,9 @@ def resolve_config(objective: Objective, config: Mapping[str, float] | None) -> 
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
-            or not math.isfinite(value)
+            or not abs(value) <= FLOAT32_MAX
         ):
-            raise InvalidInputError(field, f"expected a finite number, got {value!r}")
+            raise InvalidInputError(field, f"expected a finite float32 number, got {value!r}")
         check = objective.config_checks.get(targets[0])
         if check is not None and not check[0](value):
             raise InvalidInputError(field, f"expected {check[1]}, got {value!r}")
@@ -187,6 +204,14 @@ def _tensor(field: str, key: str, data: TensorData, length: int, custom: bool) -
         raise InvalidInputError(
             field, f"expected shape [{length}] (the length of model_input), got {shape}"
         )
+    if data.dtype == "float32":  # read wide first: float32 would turn 1e39 into inf unseen
+        wide = torch.tensor(data.data, dtype=torch.float64)
+        outside = ~(wide.abs() <= FLOAT32_MAX)  # NaN too
+        if outside.any():
+            position = int(outside.nonzero()[0])
+            value = wide[position].item()
+            what = "non-finite value" if not math.isfinite(value) else "value outside float32's range"
+            raise InvalidInputError(field, f"{what} {value} at position {position}")
     tensor = data.to_torch()
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         position = int((~torch.isfinite(tensor)).nonzero()[0])

@@ -42,7 +42,14 @@ def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> 
 
 
 def model_inputs(model: nn.Module, batch: PackedBatch) -> dict[str, torch.Tensor]:
-    """The keyword arguments of a forward over the packed rows."""
+    """The keyword arguments of a forward over the packed rows.
+
+    Rows that hold one sequence each (equal lengths, or data too long to share) need no mask:
+    the plain causal mask is exact, as a right-padded batch always was, and SDPA then takes its
+    causal fast path instead of a masked one. Rows that share get the block-diagonal mask and the
+    restarting position ids."""
+    if not batch.shares_rows:
+        return {"input_ids": batch.input_ids}
     eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
     mask = batch.attention_mask(model.dtype if eager else None)
     return {

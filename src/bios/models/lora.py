@@ -17,6 +17,7 @@ On disk an adapter is a PEFT folder (`adapter_config.json` + `adapter_model.safe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator
@@ -116,11 +117,15 @@ class LoRAAdapter(nn.Module):
         if key not in self.lora_A:
             return None
         a, b = self.lora_A[key], self.lora_B[key]
-        if torch.is_autocast_enabled(x.device.type):  # float32 even inside an autocast region
-            with torch.autocast(x.device.type, enabled=False):
-                return F.linear(F.linear(x.to(a.dtype), a) * self.scale, b)
-        # Scaling the rank-r intermediate, not the full-width output, saves a pass over it.
-        return F.linear(F.linear(x.to(a.dtype), a) * self.scale, b)
+        # float32 even inside an autocast region (full fine-tuning's references, bf16 engines).
+        in_float32 = (
+            torch.autocast(x.device.type, enabled=False)
+            if torch.is_autocast_enabled(x.device.type)
+            else contextlib.nullcontext()
+        )
+        with in_float32:
+            # Scaling the rank-r intermediate, not the full-width output, saves a pass over it.
+            return F.linear(F.linear(x.to(a.dtype), a) * self.scale, b)
 
     def merged_weight(self, module_name: str) -> torch.Tensor:
         """ΔW = (α/r) · B A, the update this adapter adds to the base weight."""
