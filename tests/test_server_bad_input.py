@@ -66,8 +66,26 @@ def fb_proto(model_id: str, tokens: np.ndarray, weights: np.ndarray, shape=None)
     return message.SerializeToString()
 
 
+def fb_sparse(model_id: str, shape, crow=(), cols=(), values=()) -> bytes:
+    """A protobuf request whose `weights` are a sparse CSR tensor (as given, however bad)."""
+    message = pb.ForwardBackwardRequest()
+    message.ParseFromString(fb_proto(model_id, np.array([1, 2, 3]), np.ones(3)))
+    weights = message.data[0].loss_fn_inputs["weights"]
+    weights.ClearField("dense")
+    weights.shape[:] = list(shape)
+    weights.sparse_csr.crow_indices = np.asarray(crow, dtype=np.int64).tobytes()
+    weights.sparse_csr.col_indices = np.asarray(cols, dtype=np.int64).tobytes()
+    weights.sparse_csr.values = np.asarray(values, dtype=np.float32).tobytes()
+    return message.SerializeToString()
+
+
+def optim_json(model_id: str, **adam) -> bytes:
+    return json.dumps({"model_id": model_id, "adam_params": adam}).encode()
+
+
 JSON = {"content-type": "application/json"}
 PROTO = {"content-type": "application/x-protobuf"}
+DEEP = b"[" * 100_000 + b"]" * 100_000
 CASES = {
     "malformed JSON": (
         "forward_backward",
@@ -162,6 +180,59 @@ CASES = {
         413,
         "over the limit",
     ),
+    # Malformed input that used to get a 500 (issue 18, item 6).
+    "JSON nested 100,000 deep": ("forward_backward", lambda m: DEEP, JSON, 400, "nested"),
+    "JSON nested 100,000 deep, pydantic route": ("optim_step", lambda m: DEEP, JSON, 400, ""),
+    "negative sparse shape": (
+        "forward_backward",
+        lambda m: fb_sparse(m, [-1, 3]),
+        PROTO,
+        400,
+        "negative size",
+    ),
+    "negative sparse column": (
+        "forward_backward",
+        lambda m: fb_sparse(m, [1, 3], crow=[0, 1], cols=[-9], values=[1.0]),
+        PROTO,
+        400,
+        "malformed sparse",
+    ),
+    "sparse shape of 2**40 values": (
+        "forward_backward",
+        lambda m: fb_sparse(m, [1, 2**40], crow=[0, 0]),
+        PROTO,
+        400,
+        "over the limit",
+    ),
+    # Accepted and ruinous before: finite in float64 (as JSON reads it), not in float32.
+    "loss weight past float32": (
+        "forward_backward",
+        lambda m: fb_json(m, datum_json(), [["cross_entropy", 1e39]]),
+        JSON,
+        400,
+        "not a finite float32 number",
+    ),
+    "loss input past float32": (
+        "forward_backward",
+        lambda m: fb_json(m, datum_json(weights=(1.0, 1e39, 1.0))),
+        JSON,
+        400,
+        "outside float32's range",
+    ),
+    "learning rate past float32": (
+        "optim_step",
+        lambda m: optim_json(m, learning_rate=1e300),
+        JSON,
+        422,
+        "learning_rate",
+    ),
+    "weights sent as strings": (
+        "forward_backward",
+        lambda m: fb_json(m, datum_json(weights=("1.0", "1.0", "1.0"))),
+        JSON,
+        400,
+        "expected a number at position 0",
+    ),
 }
 
 
@@ -174,7 +245,8 @@ def test_bad_input_gets_4xx_and_changes_nothing(case, target):
         f"{server.url}/api/v1/{route}", content=body(model_id), headers=headers, timeout=60
     )
     assert response.status_code == status, response.text
-    assert message in response.json()["error"]
+    reply = response.json()
+    assert message in reply.get("error", reply.get("detail", "")), reply
     assert fingerprint(server, model_id) == before
     assert httpx.get(f"{server.url}/api/v1/healthz", timeout=10).status_code == 200
 

@@ -1,5 +1,8 @@
 """Crash safety: `kill -9` the server in the middle of a save loop, restart it, and check that
-every acknowledged checkpoint is listed, loads, and gives the logits it was saved with."""
+every acknowledged checkpoint is listed, loads, and gives the logits it was saved with. The loop
+also overwrites one checkpoint ("latest") each step, so a kill can land inside an overwrite:
+"latest" must then hold its last acknowledged copy, or the one being saved if that was recorded
+(the deterministic versions of these windows are in test_server_crash_windows.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ def test_acknowledged_checkpoints_survive_kill_9(tiny_models, tmp_path):
     training = service.create_lora_training_client(model, rank=4, seed=0)
     data = sft_data()
     acknowledged: dict[str, list[list[float]]] = {}
+    latest: dict[str, list[list[float]]] = {}  # "acked": last acknowledged; "pending": in flight
     stop = threading.Event()
 
     def save_loop() -> None:
@@ -32,9 +36,12 @@ def test_acknowledged_checkpoints_survive_kill_9(tiny_models, tmp_path):
                 training.optim_step(AdamParams(learning_rate=1e-2))
                 expected = logprobs(training.forward(data, "cross_entropy").result())
                 path = training.save_state(f"step-{step}").result().path
+                acknowledged[path] = expected
+                latest["pending"] = expected
+                training.save_state("latest", overwrite=True).result()
+                latest["acked"] = latest.pop("pending")
             except Exception:  # the server died under us: what was acknowledged is recorded
                 return
-            acknowledged[path] = expected
             step += 1
 
     saver = threading.Thread(target=save_loop)
@@ -61,6 +68,17 @@ def test_acknowledged_checkpoints_survive_kill_9(tiny_models, tmp_path):
         ).json()["checkpoints"]
         listed_paths = {c["tinker_path"].replace("tinker://", "bios://") for c in listed}
         assert set(acknowledged) <= listed_paths
+        latest_path = next(p for p in listed_paths if p.endswith("/latest"))
+        got = logprobs(
+            client.create_training_client_from_state_with_optimizer(latest_path)
+            .forward(data, "cross_entropy")
+            .result()
+        )
+        assert any(
+            all(a == pytest.approx(b, abs=1e-6) for a, b in zip(got, copy, strict=True))
+            for copy in latest.values()
+        ), "latest holds neither its acknowledged copy nor the recorded in-flight one"
+        listed_paths.discard(latest_path)
         for path in listed_paths:  # nothing half-written is listed: every listed one loads
             restored = client.create_training_client_from_state_with_optimizer(path)
             got = logprobs(restored.forward(data, "cross_entropy").result())

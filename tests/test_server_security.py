@@ -219,3 +219,27 @@ def test_revoked_key_stops_working(secured):
     )
     assert revoked.returncode == 0 and "revoked 1" in revoked.stdout
     assert call(secured, "eve", "POST", "create_session", json={}).status_code == 401
+
+
+def test_every_route_but_health_and_signed_downloads_needs_a_key(secured):
+    """Enumerated from the server's own route table, so a route added later is covered too."""
+    url = secured["server"].url
+    paths = httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+    open_routes = {"/api/v1/healthz", "/api/v1/archives/{run_id}/{kind}/{name}.tar"}
+    checked = 0
+    for path, methods in paths.items():
+        if path in open_routes or not path.startswith("/api/v1/"):
+            continue
+        filled = path.replace("{", "").replace("}", "")  # every path parameter: its own name
+        for method in methods:
+            body = {"json": {}} if method in ("post", "put") else {}
+            response = httpx.request(method, url + filled, timeout=30, **body)
+            assert response.status_code == 401, (method, path, response.status_code)
+            checked += 1
+    assert checked > 20
+    for route in ("bios/diagnose", "telemetry"):  # a large body is not even read without a key
+        response = httpx.post(f"{url}/api/v1/{route}", content=b"{" * 2**20, timeout=30)
+        assert response.status_code == 401
+    query = {"model": str(secured["home"])}
+    response = httpx.get(f"{url}/api/v1/bios/hparams", params=query, timeout=30)
+    assert response.status_code == 401

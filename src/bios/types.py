@@ -50,6 +50,9 @@ _KEY_DTYPE: dict[str, str] = {
 }
 
 _NUMPY_DTYPE = {"int64": np.int64, "float32": np.float32}
+# The largest float32: what is computed in float32 (loss inputs, loss weights and settings,
+# optimizer settings) must stay within it; finite in float64 (as JSON reads it) is not enough.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TORCH_DTYPE = {"int64": torch.int64, "float32": torch.float32}
 
 
@@ -101,6 +104,16 @@ class TensorData(_Base):
     data: list[int] | list[float]
     dtype: Literal["int64", "float32"]
     shape: list[int] | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any) -> Any:
+        """Numbers are numbers: `"1.0"` or `true` is refused, not coerced."""
+        if isinstance(value, list | tuple):
+            for position, item in enumerate(value):
+                if isinstance(item, str | bytes | bool):
+                    raise ValueError(f"expected a number at position {position}, got {item!r}")
+        return value
 
     @classmethod
     def from_numpy(cls, array: np.ndarray) -> TensorData:
@@ -179,12 +192,12 @@ class AdamParams(_Base):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    learning_rate: float = Field(default=1e-4, ge=0.0)
+    learning_rate: float = Field(default=1e-4, ge=0.0, le=FLOAT32_MAX)
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
-    eps: float = Field(default=1e-12, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    grad_clip_norm: float = Field(default=0.0, ge=0.0)
+    eps: float = Field(default=1e-12, gt=0.0, le=FLOAT32_MAX)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=FLOAT32_MAX)
+    grad_clip_norm: float = Field(default=0.0, ge=0.0, le=FLOAT32_MAX)
 
 
 def checked_adam_params(adam_params: object) -> AdamParams:

@@ -80,6 +80,12 @@ def _serve(args: argparse.Namespace) -> int:
         max_runs_per_tenant=args.max_runs,
         max_checkpoint_bytes_per_tenant=int(args.max_checkpoint_gib * 2**30),
         max_body_bytes=int(args.max_body_mib * 2**20),
+        max_samples_per_request=args.max_samples,
+        max_tokens_per_request=args.max_tokens_per_request,
+        max_lora_rank=args.max_lora_rank,
+        model_dirs=[Path(d) for d in args.model_dir],
+        max_samplers_per_tenant=args.max_samplers,
+        sampler_idle_seconds=args.sampler_idle_minutes * 60,
     )
     state = ServerState(config, engine=engine)
     print(f"bios serve: loading {', '.join(args.model) or 'no model yet'} (home {config.home})")
@@ -102,6 +108,13 @@ def add(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         help="a base model to serve (repeatable); without one, any model on this machine",
+    )
+    parser.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        help="without --model: a folder whose model folders may be loaded by path (repeatable); "
+        "hub ids in the Hugging Face cache and the bundled default are always allowed",
     )
     parser.add_argument(
         "--device",
@@ -127,8 +140,30 @@ def add(commands: argparse._SubParsersAction) -> None:
         "--max-checkpoint-gib", type=float, default=100.0, help="checkpoint storage per tenant"
     )
     parser.add_argument(
-        "--max-body-mib", type=float, default=256.0, help="largest request body accepted"
+        "--max-samplers", type=int, default=64, help="sampling sessions held per tenant"
     )
+    parser.add_argument(
+        "--sampler-idle-minutes",
+        type=float,
+        default=60.0,
+        help="free a sampling session unused this long (0: never)",
+    )
+    parser.add_argument(
+        "--max-body-mib",
+        type=float,
+        default=256.0,
+        help="largest request body accepted, as sent and (zstd) unpacked",
+    )
+    parser.add_argument(
+        "--max-samples", type=int, default=256, help="largest num_samples of one asample"
+    )
+    parser.add_argument(
+        "--max-tokens-per-request",
+        type=int,
+        default=2**20,
+        help="most tokens one forward(_backward) or asample (prompt + samples) may hold",
+    )
+    parser.add_argument("--max-lora-rank", type=int, default=1024, help="largest LoRA rank")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
         "--no-keep-graphs",

@@ -16,7 +16,7 @@ import torch
 
 from bios.errors import InvalidInputError
 from bios.objectives import DATUM_INDEX, LossFn, Objective, get_objective
-from bios.types import Datum, TensorData, checked_data
+from bios.types import FLOAT32_MAX, Datum, TensorData, checked_data
 
 _INT_KEYS = {"target_tokens"}
 
@@ -133,11 +133,6 @@ def pack_sequences(
     return PackedBatch(input_ids, padded_targets, mask, lengths, inputs, position_ids, segment_ids)
 
 
-# Loss inputs, settings and weights are computed with in float32: a value past its range (finite
-# in float64, as JSON reads it) would be inf there and poison the gradients.
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
 def resolve_objective(loss_fn: LossFn) -> Objective:
     if not isinstance(loss_fn, str) and isinstance(loss_fn, Sequence):
         for index, part in enumerate(loss_fn):
@@ -180,7 +175,7 @@ def resolve_config(objective: Objective, config: Mapping[str, float] | None) -> 
             or not isinstance(value, int | float)
             or not abs(value) <= FLOAT32_MAX
         ):
-            raise InvalidInputError(field, f"expected a finite float32 number, got {value!r}")
+            raise InvalidInputError(field, f"expected a finite number (in float32), got {value!r}")
         check = objective.config_checks.get(targets[0])
         if check is not None and not check[0](value):
             raise InvalidInputError(field, f"expected {check[1]}, got {value!r}")
@@ -210,7 +205,9 @@ def _tensor(field: str, key: str, data: TensorData, length: int, custom: bool) -
         if outside.any():
             position = int(outside.nonzero()[0])
             value = wide[position].item()
-            what = "non-finite value" if not math.isfinite(value) else "value outside float32's range"
+            what = (
+                "non-finite value" if not math.isfinite(value) else "value outside float32's range"
+            )
             raise InvalidInputError(field, f"{what} {value} at position {position}")
     tensor = data.to_torch()
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():

@@ -311,9 +311,18 @@ class Engine:
         return self._run_workers[run_id].submit(run.optim_step, adam_params, lane=run_id)
 
     def save_state(
-        self, run_id: str, name: str, kind: str = "weights", overwrite: bool = False
+        self,
+        run_id: str,
+        name: str,
+        kind: str = "weights",
+        overwrite: bool = False,
+        keep_previous: str | None = None,
     ) -> Future[str]:
-        """Save weights (+ optimizer for kind "weights") atomically; the future gives the URI."""
+        """Save weights (+ optimizer for kind "weights") atomically; the future gives the URI.
+
+        `keep_previous` (the server's token for this save): an overwritten checkpoint is kept
+        beside the new one (`bios.fsutil.previous_name`) until the caller has recorded the new
+        one and removes it, so a crash in between leaves the old copy to recover."""
         run = self.run(run_id)
         path = CheckpointPath(run_id, kind, check_name(name))
         folder = path.folder(self.home)
@@ -323,7 +332,7 @@ class Engine:
         def save() -> str:
             if folder.exists() and not overwrite:  # saved by a request queued before this one
                 raise InvalidInputError("name", f"{path.uri()} already exists")
-            with atomic_folder(folder) as staging:
+            with atomic_folder(folder, keep_previous=keep_previous) as staging:
                 run.save(staging, with_optimizer=kind == "weights")
             return path.uri()
 

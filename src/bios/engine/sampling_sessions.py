@@ -106,6 +106,15 @@ class SamplingSession:
         raise InvalidInputError(field, f"{folder.name}: holds neither an adapter nor full weights")
 
     @property
+    def weight_bytes(self) -> int:
+        """Memory this session's own weights hold (0 for a base model: it shares the worker's)."""
+        own = self._full_model if self._full_model is not None else self._adapter
+        if own is None:
+            return 0
+        tensors = [*own.parameters(), *own.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
     def tokenizer(self):
         """The base model's tokenizer (shared: treat it as read-only)."""
         return self.worker.loaded.tokenizer

@@ -25,6 +25,7 @@ from bios.server import (
 )
 from bios.server.auth import Unauthorized
 from bios.server.state import QuotaExceeded, ServerState
+from bios.server.wire import BodyTooLarge, too_large
 
 ROUTERS = (
     routes_service.router,
@@ -44,7 +45,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_exception_handler(Unauthorized, unauthorized)
     app.add_exception_handler(QuotaExceeded, over_quota)
     app.add_exception_handler(RequestValidationError, unreadable)
-    app.middleware("http")(limit_body)
+    app.add_exception_handler(BodyTooLarge, body_too_large)
+    app.add_middleware(LimitBody, limit=state.config.max_body_bytes)
     api = APIRouter(prefix="/api/v1")
     for router in ROUTERS:
         api.include_router(router)
@@ -75,11 +77,53 @@ async def unreadable(request: Request, error: RequestValidationError) -> JSONRes
     return JSONResponse({"error": "; ".join(problems), "category": "user"}, 422)
 
 
-async def limit_body(request: Request, call_next):
-    # Refused before the body is read: an oversize upload costs the server nothing.
-    limit = request.app.state.bios.config.max_body_bytes
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        message = f"body: {int(length):,} bytes is over the limit of {limit:,}"
-        return JSONResponse({"error": message, "category": "user"}, 413)
-    return await call_next(request)
+async def body_too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
+    return JSONResponse({"error": error.message, "category": "user"}, 413)
+
+
+class LimitBody:
+    """The request-body limit, for any body: one whose `Content-Length` says it is over the
+    limit is refused before it is read (an oversize upload costs the server nothing); any other
+    (chunked, or with a lying header) is counted as it is read and refused at the first byte
+    past the limit, so no more than the limit is ever held. (A zstd body's unpacked size is
+    bounded where it is unpacked: `routes_training.decompressed`.)"""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            error = too_large(f"body: {int(length):,} bytes", limit)
+            return await JSONResponse({"error": error.message, "category": "user"}, 413)(
+                scope, receive, send
+            )
+        received = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large("body (as read, whatever its headers say)", limit)
+            return message
+
+        async def watched_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except BodyTooLarge as error:  # read outside a route (FastAPI answers those itself)
+            if started:
+                raise
+            await JSONResponse({"error": error.message, "category": "user"}, 413)(
+                scope, receive, send
+            )

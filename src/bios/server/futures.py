@@ -26,6 +26,10 @@ class Entry:
     created: float = field(default_factory=time.monotonic)
 
 
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
 class FutureTable:
     def __init__(self, keep_seconds: float = 3600.0) -> None:
         self._entries: dict[str, Entry] = {}
@@ -34,9 +38,14 @@ class FutureTable:
         self.on_done: Callable[[str, Entry], None] | None = None
 
     def add(
-        self, future: Future, kind: str, model_id: str | None = None, tenant: str | None = None
+        self,
+        future: Future,
+        kind: str,
+        model_id: str | None = None,
+        tenant: str | None = None,
+        request_id: str | None = None,
     ) -> str:
-        request_id = f"req-{uuid.uuid4().hex}"
+        request_id = request_id or new_request_id()
         entry = Entry(future, kind, model_id, tenant)
         with self._lock:
             self._forget_old()

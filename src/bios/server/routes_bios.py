@@ -4,6 +4,10 @@
   chosen for a model, and with dataset figures the full recommendation (batch, steps, rank).
 - `POST /bios/diagnose {"records": [...]}`: the training-health findings for a metric stream.
 - `GET /bios/runs/{model_id}/fingerprint`: a hash of a run's weights and optimizer state.
+- `GET /bios/metrics`: sampling sessions held and the memory their weights take (the caller's
+  and the whole server's).
+
+Every route needs a key under `--auth`, as Tinker's do.
 
 Other extensions ride on Tinker's own routes: every Bios objective name (and weighted lists of
 them) is accepted as `loss_fn`, `forward_backward_input.reference` names a reference policy,
@@ -13,15 +17,18 @@ and `create_model` takes `"full_finetune": true`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from bios.diagnostics import diagnose
 from bios.errors import InvalidInputError
 from bios.hparams import DatasetStats, get_lr, recommend
+from bios.models.catalog import lookup
 from bios.server.auth import Tenant
 from bios.server.state import State
 from bios.server.wire import Body
@@ -36,8 +43,15 @@ router = APIRouter()
 
 @router.get("/bios/hparams")
 def hparams(
-    model: str, lora: bool = True, examples: int | None = None, completion_tokens: int = 0
+    state: State,
+    tenant: Tenant,
+    model: str,
+    lora: bool = True,
+    examples: int | None = None,
+    completion_tokens: int = 0,
 ) -> dict:
+    if lookup(model) is None:  # advice read from a config.json: only of a model served here
+        state.check_model(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         answer: dict[str, Any] = {"model": model, "learning_rate": get_lr(model, lora=lora)}
@@ -60,8 +74,24 @@ def fingerprint(model_id: str, state: State, tenant: Tenant) -> dict:
     return {"model_id": model_id, "fingerprint": worker_future.result()}
 
 
+@router.get("/bios/metrics")
+def metrics(state: State, tenant: Tenant) -> dict:
+    return state.sampler_metrics(tenant)
+
+
 @router.post("/bios/diagnose")
-def diagnose_records(body: DiagnoseBody) -> dict:
+async def diagnose_records(request: Request, tenant: Tenant) -> dict:
+    # The body is read only after the key is checked: a caller without one costs nothing.
+    raw = await request.body()
+    return await run_in_threadpool(diagnose_body, raw)
+
+
+def diagnose_body(raw: bytes) -> dict:
+    try:
+        # Python's reader, as before: it takes the NaN that Python's encoder writes.
+        body = DiagnoseBody.model_validate(json.loads(raw or b"null"))
+    except (ValueError, RecursionError) as error:  # pydantic's ValidationError is a ValueError
+        raise InvalidInputError("records", f"not a diagnose request ({error})") from None
     findings = [dataclasses.asdict(f) for f in diagnose(body.records)]
     for finding in findings:  # JSON has no NaN or infinity: say it in words
         finding["evidence"] = {

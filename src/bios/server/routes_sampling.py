@@ -11,9 +11,11 @@ from typing import Any
 from fastapi import APIRouter
 
 from bios.checkpoints.paths import CheckpointPath
+from bios.errors import InvalidInputError
 from bios.server.auth import Tenant
 from bios.server.routes_training import check_checkpoint_owner
 from bios.server.state import ServerState, State
+from bios.server.tinker_wire import check_token_count
 from bios.server.wire import Body
 from bios.types import ModelInput, SamplingParams
 
@@ -37,8 +39,33 @@ class SampleBody(Body):
     topk_prompt_logprobs: int = 0
 
 
+def check_size(state: ServerState, body: SampleBody, context: int | None = None) -> None:
+    """The server's bounds on one `asample`, before anything is allocated: samples, and tokens
+    (the prompt, plus each sample's `max_tokens`, or the rest of the `context` without one)."""
+    limit = state.config.max_samples_per_request
+    if body.num_samples > limit:
+        raise InvalidInputError(
+            "num_samples", f"{body.num_samples:,} is over the limit of {limit:,} (--max-samples)"
+        )
+    prompt = body.prompt.length
+    each = body.sampling_params.max_tokens
+    if each is None:
+        each = max(context - prompt, 0) if context is not None else 0
+    tokens = prompt + max(body.num_samples, 0) * max(each, 0)
+    field = "sampling_params.max_tokens" if tokens > prompt else "prompt"
+    check_token_count(tokens, state.config.max_tokens_per_request, field)
+
+
 def open_session(state: ServerState, base_model: str | None, model_path: str | None, tenant) -> str:
-    """A new sampling session of `tenant` on a checkpoint it owns or on a served base model."""
+    """A new sampling session of `tenant`, held for it (counted in its sampler quota)."""
+    state.check_sampler_quota(tenant)
+    session, run_id = new_session(state, base_model, model_path, tenant)
+    return state.add_sampler(session, tenant, model_path, run_id)
+
+
+def new_session(state: ServerState, base_model: str | None, model_path: str | None, tenant):
+    """A sampling session on a checkpoint `tenant` owns or on a served base model, and the run
+    the checkpoint belongs to (None for a base model)."""
     if model_path is not None:
         check_checkpoint_owner(state, model_path, tenant, "model_path")
         session = state.engine.create_sampling_session(model_path=model_path)
@@ -48,7 +75,7 @@ def open_session(state: ServerState, base_model: str | None, model_path: str | N
             state.check_model(base_model)
         session = state.engine.create_sampling_session(base_model=base_model)
         run_id = None
-    return state.add_sampler(session, tenant, model_path, run_id)
+    return session, run_id
 
 
 router = APIRouter()
@@ -62,10 +89,13 @@ def create_sampling_session(body: CreateSamplingSessionBody, state: State, tenan
 
 @router.post("/asample")
 def asample(body: SampleBody, state: State, tenant: Tenant) -> dict[str, Any]:
-    sampler_id = body.sampling_session_id or open_session(
-        state, body.base_model, body.model_path, tenant
-    )
-    session = state.sampler(sampler_id, tenant)
+    check_size(state, body)  # before a session is made for it
+    sampler_id = body.sampling_session_id
+    if sampler_id is not None:
+        session = state.sampler(sampler_id, tenant)
+    else:  # a one-off session for this request: nobody can name it again, so it is not held
+        session, _ = new_session(state, body.base_model, body.model_path, tenant)
+    check_size(state, body, session.worker.max_length)
     future = session.sample(
         body.prompt,
         body.num_samples,
@@ -73,6 +103,8 @@ def asample(body: SampleBody, state: State, tenant: Tenant) -> dict[str, Any]:
         include_prompt_logprobs=body.prompt_logprobs,
         topk_prompt_logprobs=body.topk_prompt_logprobs,
     )
+    if sampler_id is not None:
+        state.sampler_used(sampler_id, future)
     request_id = state.submit(future, "sample", None, tenant)
     # SDK ≥ 0.38 asserts one sequence id per requested sample on every asample future.
     return {

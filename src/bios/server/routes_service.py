@@ -51,7 +51,7 @@ def session_heartbeat(body: HeartbeatBody, state: State, tenant: Tenant) -> dict
 
 
 @router.post("/telemetry")
-def telemetry() -> dict:
+def telemetry(tenant: Tenant) -> dict:
     return {"status": "accepted"}  # accepted and dropped: Bios collects no telemetry
 
 

@@ -22,8 +22,10 @@ from bios.checkpoints.paths import CheckpointPath, checkpoint_folder
 from bios.concurrency import then
 from bios.engine.engine import check_lora_config
 from bios.errors import InvalidInputError, NotFoundError
+from bios.fsutil import remove_previous
 from bios.server import tinker_wire
 from bios.server.auth import Tenant
+from bios.server.futures import new_request_id
 from bios.server.state import ServerState, State
 from bios.server.wire import (
     CreateModelBody,
@@ -33,6 +35,7 @@ from bios.server.wire import (
     OptimStepBody,
     SaveWeightsBody,
     WeightsInfoBody,
+    too_large,
 )
 from bios.types import LoraConfig
 
@@ -43,16 +46,33 @@ def tinker_uri(path: str) -> str:
 
 
 def sequenced(
-    state: ServerState, model_id: str, seq_id: int | None, kind: str, tenant, action
+    state: ServerState,
+    model_id: str,
+    seq_id: int | None,
+    kind: str,
+    tenant,
+    action,
+    request_id: str | None = None,
+    on_done: Callable[[], None] | None = None,
 ) -> dict:
     """Queue `action` (which queues the engine's work) in the run's `seq_id` order; answers the
-    request id. A request that is next in line and rejected at once is a 400, not a future."""
-    state.live_run(model_id, tenant)
-    state.store.touch_run(model_id)
-    future = state.sequencer.submit(model_id, seq_id, action)
+    request id (`request_id` if the caller chose it). A request that is next in line and
+    rejected at once is a 400, not a future. `on_done` runs once the request is over, however
+    it ends (a save's quota reservation is released by it)."""
+    try:
+        state.live_run(model_id, tenant)
+        state.store.touch_run(model_id)
+        future = state.sequencer.submit(model_id, seq_id, action)
+    except BaseException:
+        if on_done is not None:
+            on_done()
+        raise
+    if on_done is not None:
+        future.add_done_callback(lambda _: on_done())
     if future.done() and isinstance(future.exception(), InvalidInputError):
         raise future.exception()
-    return {"request_id": state.submit(future, kind, model_id, tenant), "model_id": model_id}
+    request_id = state.submit(future, kind, model_id, tenant, request_id)
+    return {"request_id": request_id, "model_id": model_id}
 
 
 router = APIRouter()
@@ -66,10 +86,12 @@ def create_model(body: CreateModelBody, state: State, tenant: Tenant) -> dict:
     if not body.full_finetune:
         lora = LoraConfig(**(body.lora_config.model_dump() if body.lora_config else {}))
         check_lora_config(lora, "lora_config.rank")
+        check_server_lora_config(state, lora)
 
     run_id = derived_run_id(state, body.session_id, body.model_seq_id, tenant)
 
     def create() -> dict:
+        check_run_id_free(state, run_id)
         created = state.engine.create_run(
             body.base_model,
             lora,
@@ -110,22 +132,65 @@ def unload_model(body: ModelBody, state: State, tenant: Tenant) -> dict:
     def unload() -> dict:
         if state.engine.has_run(body.model_id):
             state.engine.drop_run(body.model_id)
+        state.free_run_snapshots(body.model_id)  # no client can reach that run's weights now
         return {"model_id": body.model_id, "type": "unload_model"}
 
     future = state.control.submit(unload)
     return {"request_id": state.submit(future, "unload_model", body.model_id, tenant)}
 
 
+# What `torch.Generator.manual_seed` takes.
+SEED_RANGE = (-(2**63), 2**64)
+
+
+def check_server_lora_config(state: ServerState, lora: LoraConfig) -> None:
+    """The server's bounds on a new adapter, checked before `create_model` answers."""
+    limit = state.config.max_lora_rank
+    if lora.rank > limit:
+        raise InvalidInputError(
+            "lora_config.rank", f"{lora.rank:,} is over the limit of {limit:,} (--max-lora-rank)"
+        )
+    low, high = SEED_RANGE
+    if lora.seed is not None and not low <= lora.seed < high:
+        raise InvalidInputError(
+            "lora_config.seed", f"{lora.seed} is outside [-2**63, 2**64), the range of a seed"
+        )
+    if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+        raise InvalidInputError(
+            "lora_config",
+            "train_attn, train_mlp and train_unembed are all false: no layer would be trained",
+        )
+
+
 def decompressed(state: ServerState, raw: bytes, headers: Headers) -> bytes:
-    """The request body, unpacked if it was sent zstd-compressed (up to the body limit)."""
+    """The request body, unpacked if it was sent zstd-compressed: streamed, counting the bytes
+    unpacked, so no more than the body limit is ever held, whatever the frame header claims."""
     if headers.get("content-encoding", "") != "zstd":
         return raw
+    limit = state.config.max_body_bytes
     try:
-        return zstandard.ZstdDecompressor().decompress(
-            raw, max_output_size=state.config.max_body_bytes
-        )
+        claimed = zstandard.frame_content_size(raw)  # -1: not declared
     except zstandard.ZstdError as error:
         raise InvalidInputError("body", f"not valid zstd ({error})") from None
+    if claimed > limit:
+        raise too_large(f"body: the zstd frame declares {claimed:,} bytes unpacked, which", limit)
+    chunks, size = [], 0
+    # The window a frame asks for is memory too: no more than the body could need (and at least
+    # the 8 MiB that compressors use at any level when they are not told the size).
+    window = max(2**23, 1 << (limit - 1).bit_length())
+    decompressor = zstandard.ZstdDecompressor(max_window_size=min(window, 2**31))
+    try:
+        with decompressor.stream_reader(raw, read_across_frames=True) as reader:
+            while chunk := reader.read(min(2**20, limit + 1 - size)):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large("body: unpacked, the zstd body", limit)
+                chunks.append(chunk)
+    except zstandard.ZstdError as error:
+        if "too much memory" in str(error):
+            raise too_large("body: the zstd frame's window", window) from None
+        raise InvalidInputError("body", f"not valid zstd ({error})") from None
+    return b"".join(chunks)
 
 
 def parse_forward_backward(
@@ -139,8 +204,9 @@ def parse_forward_backward(
     """
     raw = decompressed(state, raw, headers)
     keep_graph = False
+    max_tokens = state.config.max_tokens_per_request
     if headers.get("content-type", "").startswith(tinker_wire.PROTOBUF):
-        call = tinker_wire.decode_forward_backward(raw)
+        call = tinker_wire.decode_forward_backward(raw, max_tokens)
         model_id, seq_id = call.model_id, call.seq_id
         data, loss_fn, config, reference = call.data, call.loss_fn, call.loss_fn_config, None
         forward_only = call.forward_only
@@ -149,6 +215,8 @@ def parse_forward_backward(
             body = ForwardBackwardBody.model_validate(json.loads(raw or b"null"))
         except (ValueError, TypeError) as error:
             raise InvalidInputError("body", f"not a forward_backward request ({error})") from None
+        except RecursionError:
+            raise InvalidInputError("body", "JSON nested too deeply") from None
         payload = body.forward_backward_input or body.forward_input
         if payload is None:
             raise InvalidInputError("forward_backward_input", "missing")
@@ -163,6 +231,7 @@ def parse_forward_backward(
         keep_graph = body.keep_graph
         if reference is not None and reference != "base":
             check_checkpoint_owner(state, reference, tenant, "reference")
+        tinker_wire.check_token_count(sum(d.model_input.length for d in data), max_tokens)
     keep_graph = forward_only and keep_graph and state.config.keep_graphs
 
     def action() -> Future:
@@ -216,51 +285,73 @@ def optim_step(body: OptimStepBody, state: State, tenant: Tenant) -> dict:
     )
 
 
-def saved(state: ServerState, model_id: str, tenant, kind: str) -> Callable[[str], dict]:
-    """What to do once a checkpoint is written: record it (with its size) and answer its path."""
+def saved(
+    state: ServerState, model_id: str, tenant, kind: str, request_id: str, generation: str
+) -> Callable[[str], dict]:
+    """What to do once a checkpoint is written: record it (with its size) and, in the same
+    transaction, its request as done; then drop the copy an overwrite kept; answer its path."""
+    key = "save_weights" if kind == "weights" else "save_weights_for_sampler"
 
     def record(path: str) -> dict:
         folder = checkpoint_folder(state.engine.home, path)
         size = sum(f.stat().st_size for f in folder.iterdir())
         parsed = CheckpointPath.parse(path)
-        state.store.add_checkpoint(model_id, parsed.kind, parsed.name, tenant, size)
-        key = "save_weights" if kind == "weights" else "save_weights_for_sampler"
+        state.store.add_checkpoint(
+            model_id,
+            parsed.kind,
+            parsed.name,
+            tenant,
+            size,
+            generation=generation,
+            request=(request_id, model_id, key),
+        )
+        remove_previous(folder, generation)
         return {"path": tinker_uri(path), "type": key}
 
     return record
+
+
+def save_checkpoint(state: ServerState, body: SaveWeightsBody, tenant, kind: str) -> dict:
+    """Queue a named save. Its share of the tenant's checkpoint quota (an estimate of its size)
+    is reserved first, so concurrent saves cannot overshoot the quota together, and released
+    when the request ends (its row then counts the real size). An overwritten checkpoint is kept
+    aside until the new one is recorded (`bios.fsutil.atomic_folder`'s `keep_previous`)."""
+    key = "save_weights" if kind == "weights" else "save_weights_for_sampler"
+    state.live_run(body.model_id, tenant)
+    release = state.reserve_checkpoint(tenant, state.checkpoint_estimate(body.model_id, kind))
+    request_id = new_request_id()
+    generation = request_id.removeprefix("req-")
+
+    def action() -> Future:
+        return then(
+            state.engine.save_state(
+                body.model_id, body.path, kind, body.overwrite, keep_previous=generation
+            ),
+            saved(state, body.model_id, tenant, kind, request_id, generation),
+        )
+
+    return sequenced(
+        state, body.model_id, body.seq_id, key, tenant, action, request_id, on_done=release
+    )
 
 
 @router.post("/save_weights")
 def save_weights(body: SaveWeightsBody, state: State, tenant: Tenant) -> dict:
     if not body.path:
         raise InvalidInputError("path", "a checkpoint name is required")
-    state.check_checkpoint_quota(tenant)
-    return sequenced(
-        state,
-        body.model_id,
-        body.seq_id,
-        "save_weights",
-        tenant,
-        lambda: then(
-            state.engine.save_state(body.model_id, body.path, "weights", body.overwrite),
-            saved(state, body.model_id, tenant, "weights"),
-        ),
-    )
+    return save_checkpoint(state, body, tenant, "weights")
 
 
 @router.post("/save_weights_for_sampler")
 def save_weights_for_sampler(body: SaveWeightsBody, state: State, tenant: Tenant) -> dict:
     if body.path:
-        state.check_checkpoint_quota(tenant)
-        action = lambda: then(  # noqa: E731
-            state.engine.save_state(body.model_id, body.path, "sampler_weights", body.overwrite),
-            saved(state, body.model_id, tenant, "sampler_weights"),
-        )
+        return save_checkpoint(state, body, tenant, "sampler_weights")
     else:  # ephemeral: a snapshot to sample from, no file (SDK ≥ 0.3)
+        state.check_sampler_quota(tenant, snapshot_of=body.model_id)
 
         def action() -> Future:
             def register(session) -> dict:
-                sampler_id = state.add_sampler(session, tenant, None, body.model_id)
+                sampler_id = state.add_sampler(session, tenant, None, body.model_id, snapshot=True)
                 return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
             return then(state.engine.snapshot_for_sampling(body.model_id), register)
@@ -306,6 +397,7 @@ def create_by_loading(state: ServerState, body: LoadWeightsBody, tenant) -> dict
     state.check_run_quota(tenant)
 
     def create() -> dict:
+        check_run_id_free(state, run_id)
         created = state.engine.create_run_from_state(
             body.path, body.optimizer, run_id, user_metadata=body.user_metadata
         )
@@ -355,7 +447,22 @@ def derived_run_id(state: ServerState, session_id, model_seq_id, tenant) -> str 
     row = state.store.session(session_id)
     if row is None or row["tenant"] != tenant:
         raise NotFoundError(f"session_id: no session {session_id!r}")
-    return f"{session_id}:train:{model_seq_id}"
+    run_id = f"{session_id}:train:{model_seq_id}"
+    check_run_id_free(state, run_id)
+    return run_id
+
+
+def check_run_id_free(state: ServerState, run_id: str | None) -> None:
+    """A derived id that already names a run (created before a restart or an `unload_model`)
+    is refused: creating under it would replace that run's weights. Checked when the request
+    arrives and again when its turn comes (an earlier queued create may have taken the id)."""
+    if run_id is not None and (state.store.run(run_id) is not None or state.engine.has_run(run_id)):
+        session_id, _, model_seq_id = run_id.rpartition(":train:")
+        raise InvalidInputError(
+            "model_seq_id",
+            f"model {model_seq_id} of session {session_id!r} already exists ({run_id!r}); "
+            "create with the next model_seq_id, or continue that run by its model_id",
+        )
 
 
 def check_checkpoint_owner(state: ServerState, path: str, tenant, field: str) -> CheckpointPath:

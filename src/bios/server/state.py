@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +15,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from bios.checkpoints.layout import is_checkpoint
 from bios.checkpoints.paths import KINDS, CheckpointPath
 from bios.engine.engine import Engine
 from bios.errors import InvalidInputError, NotFoundError
+from bios.models.loading import DEFAULT_MODEL, hf_hub_cache, resolve_model_path
 from bios.server.futures import Entry, FutureTable
 from bios.server.sequencer import Sequencer
 from bios.server.store import Store
@@ -24,6 +29,15 @@ RESULT_LOST = (
     "the server restarted after this request finished and its result was not kept; "
     "saved checkpoints are intact"
 )
+
+
+MODEL_NOT_LOADABLE = (
+    "{name!r} is not a model this server loads: name a model in its Hugging Face cache, the "
+    "bundled default, or a folder under one of the server's --model-dir folders"
+)
+# One message whether the folder is missing, not a model or outside the allowed folders: a
+# tenant learns nothing about the server's filesystem from it.
+FREED_REMEMBERED = 100_000  # freed sampler ids whose reason a later request is still told
 
 
 class QuotaExceeded(Exception):
@@ -40,7 +54,36 @@ class ServerConfig:
     poll_seconds: float = 20.0
     # Keep a forward's graph for the backward that follows (custom losses at built-in cost).
     keep_graphs: bool = True
+    # Limits on what one request can name (docs/operations.md, "Limits"); each a `bios serve`
+    # flag. The body limit holds for the bytes read and for the bytes a zstd body unpacks to.
     max_body_bytes: int = 256 * 1024 * 1024
+    max_samples_per_request: int = 256  # `num_samples` of one asample
+    max_tokens_per_request: int = 1024 * 1024  # a forward(_backward)'s tokens; prompt + samples
+    max_lora_rank: int = 1024
+    # Folders models may be loaded from by path when `models` is empty; None: any folder (an
+    # embedded server in a test); `bios serve` passes its `--model-dir` list, empty by default.
+    model_dirs: list[Path] | None = None
+    max_samplers_per_tenant: int = 64  # sampling sessions (snapshots included) held at once
+    sampler_idle_seconds: float = 3600.0  # a sampler unused this long is freed (0: never)
+    # An unnamed snapshot of a run is freed when a newer one of the same run is made and it has
+    # not been sampled from for this long (in-flight samples count as use).
+    snapshot_replaced_idle_seconds: float = 60.0
+
+
+@dataclass
+class Sampler:
+    """A sampling session the server holds for a tenant, and when it was last used."""
+
+    session: object  # bios.engine.sampling_sessions.SamplingSession
+    tenant: str | None
+    run_id: str | None
+    snapshot: bool  # an unnamed `save_weights_for_sampler`: the run's weights of that moment
+    weight_bytes: int
+    last_used: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+
+    def idle_for(self, now: float) -> float:
+        return 0.0 if self.in_flight else now - self.last_used
 
 
 class ServerState:
@@ -55,22 +98,61 @@ class ServerState:
         self.sequencer = Sequencer()
         # Model loading and run creation take seconds: off the event loop, in order.
         self.control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bios-control")
-        self.samplers: dict[str, object] = {}  # sampler id -> SamplingSession (kept alive here)
+        # The engine holds sessions weakly: a sampler lives while it is in this table.
+        self.samplers: dict[str, Sampler] = {}
+        self._freed: OrderedDict[str, str] = OrderedDict()  # freed sampler id -> why
+        self._sampler_lock = threading.Lock()
         self._lock = threading.Lock()
+        # Checkpoint bytes promised to saves in progress, per tenant (see reserve_checkpoint).
+        self._reserved: dict[str | None, int] = {}
+        self._quota_lock = threading.Lock()
 
     def _remove_unacknowledged_checkpoints(self) -> None:
-        """After a crash: staging folders, and folders renamed into place whose row was never
-        written (their save was never acknowledged), would only block a retry of the save."""
+        """After a crash: recover the recorded copy of a checkpoint an overwrite was replacing;
+        then delete staging folders, and folders renamed into place whose row was never written
+        (their save was never acknowledged), which would only block a retry of the save."""
         for kind_folder in (self.config.home / "runs").glob("*/*"):
             if kind_folder.name not in KINDS:
                 continue
             run_id = kind_folder.parent.name
+            for kept in sorted(kind_folder.glob(".*.old-*")):
+                self._recover_overwritten(run_id, kind_folder, kept)
+            self._recover_legacy_overwrite(run_id, kind_folder)
             for folder in kind_folder.iterdir():
                 if (
                     folder.name.startswith(".")
                     or self.store.checkpoint(run_id, kind_folder.name, folder.name) is None
                 ):
                     shutil.rmtree(folder, ignore_errors=True)
+
+    def _recover_overwritten(self, run_id: str, kind_folder: Path, kept: Path) -> None:
+        """`kept` is `.<name>.old-<generation>`: the copy an overwrite by save `generation` moved
+        aside. Unless that save was recorded (the row's generation is its own) and its folder is
+        in place, the kept copy is the recorded one: put it back."""
+        name, _, generation = kept.name[1:].rpartition(".old-")
+        row = self.store.checkpoint(run_id, kind_folder.name, name)
+        target = kind_folder / name
+        if row is not None and (row["generation"] != generation or not target.exists()):
+            if target.exists():  # the new copy, complete but never recorded nor acknowledged
+                shutil.rmtree(target)
+            kept.rename(target)
+        else:
+            shutil.rmtree(kept, ignore_errors=True)
+
+    def _recover_legacy_overwrite(self, run_id: str, kind_folder: Path) -> None:
+        """Servers before generations moved an overwritten folder to `.<name>.tmp-*`: where a
+        row names a missing folder, put back the complete aside copy written before the row."""
+        for row in self.store.checkpoints_of_run(run_id, kind_folder.name):
+            if (kind_folder / row["name"]).exists():
+                continue
+            candidates = [
+                folder
+                for folder in kind_folder.glob(f".{row['name']}.tmp-*")
+                if is_checkpoint(folder) and folder.stat().st_mtime <= row["created"]
+            ]
+            if candidates:
+                newest = max(candidates, key=lambda folder: folder.stat().st_mtime)
+                newest.rename(kind_folder / row["name"])
 
     def preload(self) -> None:
         for model in self.config.models:
@@ -82,7 +164,34 @@ class ServerState:
             raise InvalidInputError(
                 "base_model", f"{base_model!r} is not served here (served: {served})"
             )
+        if not self.config.models and not self.model_loadable(base_model):
+            raise InvalidInputError("base_model", MODEL_NOT_LOADABLE.format(name=base_model))
         return base_model
+
+    def model_loadable(self, name: str) -> bool:
+        """Whether `name` resolves to a model in the Hugging Face cache, the bundled default, or
+        a folder under an allowed `--model-dir` (always, without `model_dirs`)."""
+        if self.config.model_dirs is None:
+            return True
+        roots = [Path(d).expanduser().resolve() for d in self.config.model_dirs]
+
+        def allowed(path: Path) -> bool:
+            return any(path.resolve().is_relative_to(root) for root in roots)
+
+        # A GGUF file is converted (written out) as it resolves: only one from an allowed folder.
+        if name.lower().endswith(".gguf") and not allowed(Path(name).expanduser()):
+            return False
+        try:
+            path = resolve_model_path(name)
+        except (OSError, ValueError, NotFoundError):
+            return False
+        is_default = name.strip().lower() in (
+            DEFAULT_MODEL.lower(),
+            DEFAULT_MODEL.split("/")[1].lower(),
+        )
+        return (
+            is_default or allowed(path) or path.resolve().is_relative_to(hf_hub_cache().resolve())
+        )
 
     def check_run_quota(self, tenant: str | None) -> None:
         rows, _ = self.store.runs(tenant, limit=1_000_000, offset=0)
@@ -93,13 +202,43 @@ class ServerState:
                 "unload one (unload_model) first"
             )
 
-    def check_checkpoint_quota(self, tenant: str | None) -> None:
-        used = self.store.checkpoint_bytes(tenant)
-        if used >= self.config.max_checkpoint_bytes_per_tenant:
-            raise QuotaExceeded(
-                f"checkpoints: {used:,} bytes are stored, the quota is "
-                f"{self.config.max_checkpoint_bytes_per_tenant:,}; delete some first"
-            )
+    def checkpoint_estimate(self, run_id: str, kind: str) -> int:
+        """The bytes a checkpoint of the run will take: its trainable weights, and for a training
+        checkpoint their two AdamW moments, plus the files' headers and metadata."""
+        run = self.engine.run(run_id)
+        parameters = getattr(run, "parameters", None)
+        if isinstance(parameters, dict) and parameters:
+            copies = 3 if kind == "weights" else 1
+            weights = sum(p.numel() * p.element_size() for p in parameters.values())
+            return copies * (weights + 256 * len(parameters)) + 16 * 1024
+        latest = self.store.latest_checkpoint(run_id, kind)  # a run that shows no tensors here
+        return int(latest["size_bytes"]) if latest else 0
+
+    def reserve_checkpoint(self, tenant: str | None, estimate: int) -> Callable[[], None]:
+        """Promise `estimate` bytes of the tenant's checkpoint quota to a save about to be
+        queued, or raise QuotaExceeded; answers the release (idempotent), to call once the save
+        failed or its row (with the real size) was written. Concurrent saves thus never store
+        more than the quota between them."""
+        quota = self.config.max_checkpoint_bytes_per_tenant
+        with self._quota_lock:
+            stored = self.store.checkpoint_bytes(tenant)
+            reserved = self._reserved.get(tenant, 0)
+            if stored + reserved + estimate > quota:
+                raise QuotaExceeded(
+                    f"checkpoints: {stored:,} bytes are stored and {reserved:,} reserved by "
+                    f"saves in progress; this save needs about {estimate:,} and the quota is "
+                    f"{quota:,}; delete some first"
+                )
+            self._reserved[tenant] = reserved + estimate
+        released = threading.Event()
+
+        def release() -> None:
+            with self._quota_lock:
+                if not released.is_set():
+                    released.set()
+                    self._reserved[tenant] = self._reserved.get(tenant, 0) - estimate
+
+        return release
 
     def live_run(self, model_id: str, tenant: str | None) -> dict:
         """The run's row, with the run in memory: a run the server no longer holds (it restarted,
@@ -124,8 +263,17 @@ class ServerState:
             raise NotFoundError(f"model_id: no training run {model_id!r}")
         return row
 
-    def submit(self, future: Future, kind: str, model_id: str | None, tenant: str | None) -> str:
-        request_id = self.futures.add(future, kind, model_id, tenant)
+    def submit(
+        self,
+        future: Future,
+        kind: str,
+        model_id: str | None,
+        tenant: str | None,
+        request_id: str | None = None,
+    ) -> str:
+        """List the request (under `request_id` when the caller chose it beforehand, as a save
+        does to record itself done together with its checkpoint) and answer its id."""
+        request_id = self.futures.add(future, kind, model_id, tenant, request_id)
         self.store.add_future(request_id, tenant, model_id, kind)
         if future.done():
             self._record_done(request_id, self.futures.get(request_id))
@@ -137,21 +285,139 @@ class ServerState:
         error = entry.future.exception()
         self.store.finish_future(request_id, None if error is None else str(error))
 
+    # ---- samplers: held while a client can reach them ------------------------------------------
+    # Freed when their run is unloaded (snapshots), when a newer snapshot of the same run is made
+    # and they have been idle `snapshot_replaced_idle_seconds`, or after `sampler_idle_seconds`
+    # unused; a freed id then answers 404 saying why.
+
     def add_sampler(
-        self, session, tenant: str | None, model_path: str | None, run_id: str | None
+        self,
+        session,
+        tenant: str | None,
+        model_path: str | None,
+        run_id: str | None,
+        snapshot: bool = False,
     ) -> str:
         sampler_id = f"sampler-{uuid.uuid4().hex[:16]}"
-        with self._lock:
-            self.samplers[sampler_id] = session
+        if snapshot:
+            self.free_replaced_snapshots(run_id)
+        self.free_idle_samplers()
+        entry = Sampler(session, tenant, run_id, snapshot, session.weight_bytes)
+        with self._sampler_lock:
+            self.samplers[sampler_id] = entry
         self.store.add_sampler(sampler_id, tenant, session.base_model, model_path, run_id)
         return sampler_id
 
     def sampler(self, sampler_id: str, tenant: str | None):
+        """The session of a sampler `tenant` holds (its use restarts its idle clock)."""
         row = self.store.sampler(sampler_id) if isinstance(sampler_id, str) else None
-        session = self.samplers.get(sampler_id)
-        if row is None or row["tenant"] != tenant or session is None:
+        if row is None or row["tenant"] != tenant:
             raise NotFoundError(f"sampling_session_id: no sampling session {sampler_id!r}")
-        return session
+        now = time.monotonic()
+        with self._sampler_lock:
+            entry = self.samplers.get(sampler_id)
+            timeout = self.config.sampler_idle_seconds
+            if entry is not None and timeout and entry.idle_for(now) >= timeout:
+                self._free(sampler_id, self._idle_reason())
+                entry = None
+            if entry is None:
+                why = self._freed.get(sampler_id, "the server restarted since it was made")
+                raise NotFoundError(
+                    f"sampling_session_id: sampling session {sampler_id!r} was freed ({why}); "
+                    "make a new sampling client"
+                )
+            entry.last_used = now
+        return entry.session
+
+    def sampler_used(self, sampler_id: str, future: Future) -> None:
+        """A sample is in flight on the sampler: it is not idle until the sample is done."""
+        with self._sampler_lock:
+            entry = self.samplers.get(sampler_id)
+            if entry is None:
+                return
+            entry.in_flight += 1
+
+        def done(_: Future) -> None:  # by id: a done future keeps its callbacks (and so this)
+            with self._sampler_lock:
+                entry = self.samplers.get(sampler_id)
+                if entry is not None:
+                    entry.in_flight -= 1
+                    entry.last_used = time.monotonic()
+
+        future.add_done_callback(done)
+
+    def _free(self, sampler_id: str, why: str) -> None:
+        """Drop a sampler (with `_sampler_lock` held); in-flight samples still finish."""
+        del self.samplers[sampler_id]
+        self._freed[sampler_id] = why
+        while len(self._freed) > FREED_REMEMBERED:
+            self._freed.popitem(last=False)
+
+    def _idle_reason(self) -> str:
+        return (
+            f"unused for {self.config.sampler_idle_seconds:g} s (bios serve --sampler-idle-minutes)"
+        )
+
+    def free_run_snapshots(self, run_id: str, why: str = "its run was unloaded") -> None:
+        with self._sampler_lock:
+            for sampler_id in [
+                i for i, e in self.samplers.items() if e.snapshot and e.run_id == run_id
+            ]:
+                self._free(sampler_id, why)
+
+    def free_replaced_snapshots(self, run_id: str | None) -> None:
+        grace = self.config.snapshot_replaced_idle_seconds
+        why = f"a newer snapshot of its run was made after it had been unused for {grace:g} s"
+        now = time.monotonic()
+        with self._sampler_lock:
+            for sampler_id in [
+                i
+                for i, e in self.samplers.items()
+                if e.snapshot and e.run_id == run_id and e.idle_for(now) >= grace
+            ]:
+                self._free(sampler_id, why)
+
+    def free_idle_samplers(self) -> None:
+        timeout = self.config.sampler_idle_seconds
+        if not timeout:
+            return
+        now = time.monotonic()
+        with self._sampler_lock:
+            for sampler_id in [i for i, e in self.samplers.items() if e.idle_for(now) >= timeout]:
+                self._free(sampler_id, self._idle_reason())
+
+    def check_sampler_quota(self, tenant: str | None, snapshot_of: str | None = None) -> None:
+        """Before a new sampler: what the new one would free is freed first, then counted."""
+        if snapshot_of is not None:
+            self.free_replaced_snapshots(snapshot_of)
+        self.free_idle_samplers()
+        with self._sampler_lock:
+            held = sum(e.tenant == tenant for e in self.samplers.values())
+        if held >= self.config.max_samplers_per_tenant:
+            raise QuotaExceeded(
+                f"samplers: {held} sampling sessions are held, the quota is "
+                f"{self.config.max_samplers_per_tenant}; unused ones are freed after "
+                f"{self.config.sampler_idle_seconds:g} s, a run's snapshots when it is unloaded"
+            )
+
+    def sampler_metrics(self, tenant: str | None) -> dict:
+        """Samplers held and the memory their own weights take: the tenant's, and the server's."""
+        self.free_idle_samplers()
+        with self._sampler_lock:
+            entries = list(self.samplers.values())
+
+        def figures(chosen: list[Sampler]) -> dict:
+            snapshots = [e for e in chosen if e.snapshot]
+            return {
+                "samplers": len(chosen),
+                "sampler_bytes": sum(e.weight_bytes for e in chosen),
+                "snapshots": len(snapshots),
+                "snapshot_bytes": sum(e.weight_bytes for e in snapshots),
+            }
+
+        mine = figures([e for e in entries if e.tenant == tenant])
+        mine["max_samplers"] = self.config.max_samplers_per_tenant
+        return {"tenant": mine, "server": figures(entries)}
 
 
 async def get_state(request: Request) -> ServerState:

@@ -2,7 +2,10 @@
 
 Weights live in checkpoint folders beside the database; the database says which exist, who owns
 them and what state requests were in. A row for a checkpoint is written only after its folder was
-renamed into place, so every listed checkpoint is complete.
+renamed into place, so every listed checkpoint is complete. The row and the status of the request
+that saved it are written in one transaction (`record_checkpoint`), so no crash can leave a saved
+checkpoint whose request reads "submit it again". A row's `generation` names the save that wrote
+its folder: start-up uses it to tell, after a crash inside an overwrite, which copy was recorded.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ CREATE TABLE IF NOT EXISTS runs (
     lora TEXT, created REAL, last_request REAL, user_metadata TEXT);
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT, kind TEXT, name TEXT, tenant TEXT, size_bytes INTEGER, created REAL,
-    PRIMARY KEY (run_id, kind, name));
+    generation TEXT, PRIMARY KEY (run_id, kind, name));
 CREATE TABLE IF NOT EXISTS samplers (
     sampler_id TEXT PRIMARY KEY, tenant TEXT, base_model TEXT, model_path TEXT, run_id TEXT,
     created REAL);
@@ -47,6 +50,9 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # an acknowledged row survives a power cut
             db.executescript(SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(checkpoints)")}
+            if "generation" not in columns:  # a database from before generations
+                db.execute("ALTER TABLE checkpoints ADD COLUMN generation TEXT")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -144,17 +150,39 @@ class Store:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def add_checkpoint(
-        self, run_id: str, kind: str, name: str, tenant: str | None, size_bytes: int
+        self,
+        run_id: str,
+        kind: str,
+        name: str,
+        tenant: str | None,
+        size_bytes: int,
+        generation: str | None = None,
+        request: tuple[str, str | None, str] | None = None,
     ) -> None:
-        self._exec(
-            "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
-            run_id,
-            kind,
-            name,
-            tenant,
-            size_bytes,
-            time.time(),
-        )
+        """Record a checkpoint whose folder is in place and, in the same transaction, the request
+        `(request_id, model_id, kind)` that saved it as done (whether or not its row exists)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT OR REPLACE INTO checkpoints "
+                    "(run_id, kind, name, tenant, size_bytes, created, generation) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, kind, name, tenant, size_bytes, now, generation),
+                )
+                if request is not None:
+                    request_id, model_id, request_kind = request
+                    db.execute(
+                        "INSERT INTO futures VALUES (?, ?, ?, ?, 'done', ?, ?, NULL) "
+                        "ON CONFLICT(request_id) DO UPDATE SET status = 'done', "
+                        "finished = excluded.finished, error = NULL",
+                        (request_id, tenant, model_id, request_kind, now, now),
+                    )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def checkpoint(self, run_id: str, kind: str, name: str) -> dict | None:
         return self._one(
@@ -174,6 +202,10 @@ class Store:
             tenant,
             run_id,
         )
+
+    def checkpoints_of_run(self, run_id: str, kind: str) -> list[dict]:
+        """Every tenant's: for start-up, which checks folders against rows."""
+        return self._all("SELECT * FROM checkpoints WHERE run_id = ? AND kind = ?", run_id, kind)
 
     def delete_checkpoint(self, run_id: str, kind: str, name: str) -> None:
         self._exec(
@@ -254,7 +286,8 @@ class Store:
         self, request_id: str, tenant: str | None, model_id: str | None, kind: str
     ) -> None:
         self._exec(
-            "INSERT INTO futures VALUES (?, ?, ?, ?, 'pending', ?, NULL, NULL)",
+            # OR IGNORE: a save may have recorded itself done before its request was listed.
+            "INSERT OR IGNORE INTO futures VALUES (?, ?, ?, ?, 'pending', ?, NULL, NULL)",
             request_id,
             tenant,
             model_id,

@@ -10,6 +10,7 @@ batched output in bytes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,11 +54,35 @@ class ForwardBackwardCall:
     forward_only: bool
 
 
-def _tensor_from_proto(message, field: str) -> TensorData:
+def check_token_count(tokens: int, limit: int, field: str = "data") -> None:
+    """The server's bound on the tokens of one request (forward(_backward), asample)."""
+    if tokens > limit:
+        raise InvalidInputError(
+            field,
+            f"{tokens:,} tokens in one request is over the limit of {limit:,} "
+            "(--max-tokens-per-request); split the batch",
+        )
+
+
+def _check_shape(shape: list[int], max_elements: int, field: str) -> None:
+    """A shape is checked before anything of its size is allocated."""
+    if any(size < 0 for size in shape):
+        raise InvalidInputError(f"{field}.shape", f"{shape} has a negative size")
+    elements = math.prod(shape)
+    if elements > max_elements:
+        raise InvalidInputError(
+            f"{field}.shape",
+            f"{shape} holds {elements:,} values, over the limit of {max_elements:,} "
+            "(one per token: --max-tokens-per-request)",
+        )
+
+
+def _tensor_from_proto(message, field: str, max_elements: int) -> TensorData:
     if message.dtype not in _NUMPY:
         raise InvalidInputError(field, f"unsupported dtype enum {message.dtype}")
     numpy_dtype = np.dtype(_NUMPY[message.dtype])
     shape = list(message.shape)
+    _check_shape(shape, max_elements, field)
     if message.HasField("sparse_csr"):
         values = _frombuffer(message.sparse_csr.values, numpy_dtype, field)
         crow = _frombuffer(message.sparse_csr.crow_indices, np.dtype(np.int64), field)
@@ -65,7 +90,7 @@ def _tensor_from_proto(message, field: str) -> TensorData:
         array = _dense_from_csr(values, crow, cols, shape, field)
     else:
         array = _frombuffer(message.dense, numpy_dtype, field)
-        if shape and int(np.prod(shape)) != array.size:
+        if shape and math.prod(shape) != array.size:
             raise InvalidInputError(field, f"shape {shape} does not match {array.size} values")
     return TensorData(
         data=array.reshape(-1).tolist(), dtype=_WIRE_DTYPE[message.dtype], shape=shape or None
@@ -84,14 +109,18 @@ def _dense_from_csr(values, crow, cols, shape, field: str) -> np.ndarray:
     dense = np.zeros(shape, dtype=values.dtype)
     for row in range(shape[0]):
         start, end = int(crow[row]), int(crow[row + 1])
-        if not 0 <= start <= end <= len(cols) or (cols[start:end] >= shape[1]).any():
+        columns = cols[start:end]
+        if not 0 <= start <= end <= len(cols) or ((columns < 0) | (columns >= shape[1])).any():
             raise InvalidInputError(field, "malformed sparse CSR tensor")
         dense[row, cols[start:end]] = values[start:end]
     return dense
 
 
-def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
-    """A protobuf `ForwardBackwardRequest` -> the call it asks for (errors name the field)."""
+def decode_forward_backward(body: bytes, max_tokens: int = 2**63) -> ForwardBackwardCall:
+    """A protobuf `ForwardBackwardRequest` -> the call it asks for (errors name the field).
+
+    Sizes are checked before they are allocated: at most `max_tokens` tokens in all, and no
+    loss input of more values than that."""
     require_schema()
     message = pb.ForwardBackwardRequest()
     try:
@@ -100,6 +129,10 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
         raise InvalidInputError(
             "body", f"not a ForwardBackwardRequest protobuf ({error})"
         ) from None
+    tokens = sum(
+        len(chunk.encoded_text.tokens) // 4 for datum in message.data for chunk in datum.model_input
+    )
+    check_token_count(tokens, max_tokens)
     data = []
     for index, datum in enumerate(message.data):
         chunks = []
@@ -110,7 +143,7 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
             tokens = _frombuffer(chunk.encoded_text.tokens, np.dtype(np.int32), field)
             chunks.append(EncodedTextChunk(tokens=tokens.tolist()))
         inputs = {
-            key: _tensor_from_proto(tensor, f"data[{index}].loss_fn_inputs[{key!r}]")
+            key: _tensor_from_proto(tensor, f"data[{index}].loss_fn_inputs[{key!r}]", max_tokens)
             for key, tensor in datum.loss_fn_inputs.items()
         }
         data.append(Datum(model_input=ModelInput(chunks=chunks), loss_fn_inputs=inputs))

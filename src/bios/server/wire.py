@@ -8,9 +8,10 @@ nothing else for them).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +22,20 @@ from bios.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, Sam
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class BodyTooLarge(HTTPException):
+    """A request body (as sent, or unpacked) over the server's limit: answered with 413.
+
+    An `HTTPException`, so FastAPI passes it on from wherever the body is read."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
+        self.message = message
+
+
+def too_large(what: str, limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"{what} is over the limit of {limit:,} bytes (--max-body-mib)")
 
 
 class SessionBody(Body):
@@ -34,10 +49,13 @@ class HeartbeatBody(Body):
 
 
 class LoraConfigBody(LoraConfig):  # LoraConfig's fields and defaults, tolerating unknown ones
-    model_config = Body.model_config
+    # Strict: `"rank": "8"` or `"train_mlp": "false"` is refused, not coerced.
+    model_config = ConfigDict(**Body.model_config, strict=True)
 
 
 class CreateModelBody(Body):
+    model_config = ConfigDict(**Body.model_config, strict=True)
+
     session_id: str | None = None
     model_seq_id: int | None = None
     base_model: str
@@ -113,20 +131,51 @@ def wants_protobuf(request: Request) -> bool:
     return tinker_wire.PROTOBUF in request.headers.get("accept", "")
 
 
+def non_finite(value: Any, where: str = "result") -> str | None:
+    """Where `value` (a JSON-ready tree) holds a NaN or infinity, which JSON cannot carry."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} = {value}"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite(item, f"{where}[{key!r}]" if isinstance(key, str) else f"{where}[{key}]")
+        if found is not None:
+            return found
+    return None
+
+
+def json_result(payload: Any) -> JSONResponse:
+    """`payload` as JSON; one holding a non-finite number (JSON has none) is answered as a
+    failed request naming where, instead of failing to encode (a 500)."""
+    where = non_finite(payload)
+    if where is None:
+        return JSONResponse(payload)
+    message = (
+        f"the result cannot be sent as JSON: {where} is not a finite number "
+        "(the computation overflowed float32; lower the learning rate or the loss inputs)"
+    )
+    return JSONResponse({"error": message, "category": "user"})
+
+
 def encode_result(result: Any, request: Request) -> Response:
-    """A finished future's result, as protobuf where the SDK requires it, else JSON."""
+    """A finished future's result, as protobuf where the SDK requires it, else JSON (never with
+    a non-finite number: see `json_result`)."""
     if isinstance(result, ForwardBackwardOutput):
         if wants_protobuf(request):
             return Response(
                 tinker_wire.encode_forward_backward_output(result), media_type=tinker_wire.PROTOBUF
             )
-        return JSONResponse(result.model_dump(mode="json"))
+        return json_result(result.model_dump(mode="json"))
     if isinstance(result, SampleResponse):
         if wants_protobuf(request):
             return Response(
                 tinker_wire.encode_sample_response(result), media_type=tinker_wire.PROTOBUF
             )
-        return JSONResponse(result.model_dump(mode="json"))
+        return json_result(result.model_dump(mode="json"))
     if isinstance(result, BaseModel):
-        return JSONResponse(result.model_dump(mode="json", exclude_none=True))
-    return JSONResponse(result)
+        return json_result(result.model_dump(mode="json", exclude_none=True))
+    return json_result(result)
