@@ -103,38 +103,38 @@ def fake_state(tmp_path: Path, **config) -> ServerState:
 
 def test_a_newer_snapshot_replaces_only_older_ones_idle_for_the_grace(tmp_path):
     state = fake_state(tmp_path, snapshot_replaced_idle_seconds=1.0)
-    first = state.add_sampler(FakeSession(), "t", None, "run", snapshot=True)
-    busy = state.add_sampler(FakeSession(), "t", None, "run", snapshot=True)
-    other_run = state.add_sampler(FakeSession(), "t", None, "run2", snapshot=True)
-    named = state.add_sampler(FakeSession(), "t", "bios://run/sampler_weights/a", "run")
+    first = state.samplers.add(FakeSession(), "t", None, "run", snapshot=True)
+    busy = state.samplers.add(FakeSession(), "t", None, "run", snapshot=True)
+    other_run = state.samplers.add(FakeSession(), "t", None, "run2", snapshot=True)
+    named = state.samplers.add(FakeSession(), "t", "bios://run/sampler_weights/a", "run")
     in_flight: Future = Future()
-    state.sampler_used(busy, in_flight)  # an SDK client still sampling from an older snapshot
-    second = state.add_sampler(FakeSession(), "t", None, "run", snapshot=True)
-    assert state.sampler(first, "t")  # used 0 s ago: kept, and its use restarts its clock
+    state.samplers.used(busy, in_flight)  # an SDK client still sampling from an older snapshot
+    second = state.samplers.add(FakeSession(), "t", None, "run", snapshot=True)
+    assert state.samplers.session(first, "t")  # used 0 s ago: kept, and its use restarts its clock
     time.sleep(1.05)
-    third = state.add_sampler(FakeSession(), "t", None, "run", snapshot=True)
+    third = state.samplers.add(FakeSession(), "t", None, "run", snapshot=True)
     for freed in (first, second):
         with pytest.raises(NotFoundError, match=r"freed .*newer snapshot"):
-            state.sampler(freed, "t")
+            state.samplers.session(freed, "t")
     for kept in (busy, other_run, named, third):
-        assert state.sampler(kept, "t")
+        assert state.samplers.session(kept, "t")
     in_flight.set_result(None)
-    assert state.sampler_metrics("t")["tenant"]["snapshots"] == 3
+    assert state.samplers.metrics("t")["tenant"]["snapshots"] == 3
 
 
 def test_an_idle_sampler_is_freed_after_the_timeout(tmp_path):
     state = fake_state(tmp_path, sampler_idle_seconds=1.0)
-    idle = state.add_sampler(FakeSession(), "t", None, None)
-    used = state.add_sampler(FakeSession(), "t", None, None)
+    idle = state.samplers.add(FakeSession(), "t", None, None)
+    used = state.samplers.add(FakeSession(), "t", None, None)
     time.sleep(0.6)
-    state.sampler(used, "t")
+    state.samplers.session(used, "t")
     time.sleep(0.5)
     with pytest.raises(NotFoundError, match=r"freed .*unused for 1 s"):
-        state.sampler(idle, "t")
-    assert state.sampler(used, "t")
-    assert state.sampler_metrics("t")["tenant"]["samplers"] == 1
+        state.samplers.session(idle, "t")
+    assert state.samplers.session(used, "t")
+    assert state.samplers.metrics("t")["tenant"]["samplers"] == 1
     with pytest.raises(NotFoundError, match="no sampling session"):
-        state.sampler(used, "another tenant")
+        state.samplers.session(used, "another tenant")
 
 
 # ---- models load only from allowed folders ------------------------------------------------------

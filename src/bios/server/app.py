@@ -24,7 +24,8 @@ from bios.server import (
     routes_training,
 )
 from bios.server.auth import Unauthorized
-from bios.server.state import QuotaExceeded, ServerState
+from bios.server.samplers import QuotaExceeded
+from bios.server.state import ServerState
 from bios.server.wire import BodyTooLarge, too_large
 
 ROUTERS = (

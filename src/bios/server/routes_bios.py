@@ -76,7 +76,7 @@ def fingerprint(model_id: str, state: State, tenant: Tenant) -> dict:
 
 @router.get("/bios/metrics")
 def metrics(state: State, tenant: Tenant) -> dict:
-    return state.sampler_metrics(tenant)
+    return state.samplers.metrics(tenant)
 
 
 @router.post("/bios/diagnose")

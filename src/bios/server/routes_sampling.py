@@ -58,9 +58,9 @@ def check_size(state: ServerState, body: SampleBody, context: int | None = None)
 
 def open_session(state: ServerState, base_model: str | None, model_path: str | None, tenant) -> str:
     """A new sampling session of `tenant`, held for it (counted in its sampler quota)."""
-    state.check_sampler_quota(tenant)
+    state.samplers.check_quota(tenant)
     session, run_id = new_session(state, base_model, model_path, tenant)
-    return state.add_sampler(session, tenant, model_path, run_id)
+    return state.samplers.add(session, tenant, model_path, run_id)
 
 
 def new_session(state: ServerState, base_model: str | None, model_path: str | None, tenant):
@@ -92,7 +92,7 @@ def asample(body: SampleBody, state: State, tenant: Tenant) -> dict[str, Any]:
     check_size(state, body)  # before a session is made for it
     sampler_id = body.sampling_session_id
     if sampler_id is not None:
-        session = state.sampler(sampler_id, tenant)
+        session = state.samplers.session(sampler_id, tenant)
     else:  # a one-off session for this request: nobody can name it again, so it is not held
         session, _ = new_session(state, body.base_model, body.model_path, tenant)
     check_size(state, body, session.worker.max_length)
@@ -104,7 +104,7 @@ def asample(body: SampleBody, state: State, tenant: Tenant) -> dict[str, Any]:
         topk_prompt_logprobs=body.topk_prompt_logprobs,
     )
     if sampler_id is not None:
-        state.sampler_used(sampler_id, future)
+        state.samplers.used(sampler_id, future)
     request_id = state.submit(future, "sample", None, tenant)
     # SDK ≥ 0.38 asserts one sequence id per requested sample on every asample future.
     return {
@@ -115,7 +115,7 @@ def asample(body: SampleBody, state: State, tenant: Tenant) -> dict[str, Any]:
 
 @router.get("/samplers/{sampler_id}")
 def sampler(sampler_id: str, state: State, tenant: Tenant) -> dict:
-    session = state.sampler(sampler_id, tenant)
+    session = state.samplers.session(sampler_id, tenant)
     row = state.store.sampler(sampler_id)
     return {
         "sampler_id": sampler_id,

@@ -132,7 +132,9 @@ def unload_model(body: ModelBody, state: State, tenant: Tenant) -> dict:
     def unload() -> dict:
         if state.engine.has_run(body.model_id):
             state.engine.drop_run(body.model_id)
-        state.free_run_snapshots(body.model_id)  # no client can reach that run's weights now
+        state.samplers.free_run_snapshots(
+            body.model_id
+        )  # no client can reach that run's weights now
         return {"model_id": body.model_id, "type": "unload_model"}
 
     future = state.control.submit(unload)
@@ -347,11 +349,11 @@ def save_weights_for_sampler(body: SaveWeightsBody, state: State, tenant: Tenant
     if body.path:
         return save_checkpoint(state, body, tenant, "sampler_weights")
     else:  # ephemeral: a snapshot to sample from, no file (SDK ≥ 0.3)
-        state.check_sampler_quota(tenant, snapshot_of=body.model_id)
+        state.samplers.check_quota(tenant, snapshot_of=body.model_id)
 
         def action() -> Future:
             def register(session) -> dict:
-                sampler_id = state.add_sampler(session, tenant, None, body.model_id, snapshot=True)
+                sampler_id = state.samplers.add(session, tenant, None, body.model_id, snapshot=True)
                 return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
             return then(state.engine.snapshot_for_sampling(body.model_id), register)

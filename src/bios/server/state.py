@@ -1,12 +1,10 @@
-"""What one `bios serve` process holds: the engine, the database, futures, ordering, samplers."""
+"""What one `bios serve` process holds: the engine, the database, futures, ordering, samplers
+(`samplers.py`), quotas, and the start-up recovery of checkpoints."""
 
 from __future__ import annotations
 
 import shutil
 import threading
-import time
-import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from bios.engine.engine import Engine
 from bios.errors import InvalidInputError, NotFoundError
 from bios.models.loading import DEFAULT_MODEL, hf_hub_cache, resolve_model_path
 from bios.server.futures import Entry, FutureTable
+from bios.server.samplers import QuotaExceeded, SamplerTable
 from bios.server.sequencer import Sequencer
 from bios.server.store import Store
 
@@ -37,11 +36,6 @@ MODEL_NOT_LOADABLE = (
 )
 # One message whether the folder is missing, not a model or outside the allowed folders: a
 # tenant learns nothing about the server's filesystem from it.
-FREED_REMEMBERED = 100_000  # freed sampler ids whose reason a later request is still told
-
-
-class QuotaExceeded(Exception):
-    """A tenant asked for more than its quota (answered with 403)."""
 
 
 @dataclass
@@ -70,22 +64,6 @@ class ServerConfig:
     snapshot_replaced_idle_seconds: float = 60.0
 
 
-@dataclass
-class Sampler:
-    """A sampling session the server holds for a tenant, and when it was last used."""
-
-    session: object  # bios.engine.sampling_sessions.SamplingSession
-    tenant: str | None
-    run_id: str | None
-    snapshot: bool  # an unnamed `save_weights_for_sampler`: the run's weights of that moment
-    weight_bytes: int
-    last_used: float = field(default_factory=time.monotonic)
-    in_flight: int = 0
-
-    def idle_for(self, now: float) -> float:
-        return 0.0 if self.in_flight else now - self.last_used
-
-
 class ServerState:
     def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
         self.config = config
@@ -99,9 +77,7 @@ class ServerState:
         # Model loading and run creation take seconds: off the event loop, in order.
         self.control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bios-control")
         # The engine holds sessions weakly: a sampler lives while it is in this table.
-        self.samplers: dict[str, Sampler] = {}
-        self._freed: OrderedDict[str, str] = OrderedDict()  # freed sampler id -> why
-        self._sampler_lock = threading.Lock()
+        self.samplers = SamplerTable(config, self.store)
         self._lock = threading.Lock()
         # Checkpoint bytes promised to saves in progress, per tenant (see reserve_checkpoint).
         self._reserved: dict[str | None, int] = {}
@@ -284,140 +260,6 @@ class ServerState:
             return
         error = entry.future.exception()
         self.store.finish_future(request_id, None if error is None else str(error))
-
-    # ---- samplers: held while a client can reach them ------------------------------------------
-    # Freed when their run is unloaded (snapshots), when a newer snapshot of the same run is made
-    # and they have been idle `snapshot_replaced_idle_seconds`, or after `sampler_idle_seconds`
-    # unused; a freed id then answers 404 saying why.
-
-    def add_sampler(
-        self,
-        session,
-        tenant: str | None,
-        model_path: str | None,
-        run_id: str | None,
-        snapshot: bool = False,
-    ) -> str:
-        sampler_id = f"sampler-{uuid.uuid4().hex[:16]}"
-        if snapshot:
-            self.free_replaced_snapshots(run_id)
-        self.free_idle_samplers()
-        entry = Sampler(session, tenant, run_id, snapshot, session.weight_bytes)
-        with self._sampler_lock:
-            self.samplers[sampler_id] = entry
-        self.store.add_sampler(sampler_id, tenant, session.base_model, model_path, run_id)
-        return sampler_id
-
-    def sampler(self, sampler_id: str, tenant: str | None):
-        """The session of a sampler `tenant` holds (its use restarts its idle clock)."""
-        row = self.store.sampler(sampler_id) if isinstance(sampler_id, str) else None
-        if row is None or row["tenant"] != tenant:
-            raise NotFoundError(f"sampling_session_id: no sampling session {sampler_id!r}")
-        now = time.monotonic()
-        with self._sampler_lock:
-            entry = self.samplers.get(sampler_id)
-            timeout = self.config.sampler_idle_seconds
-            if entry is not None and timeout and entry.idle_for(now) >= timeout:
-                self._free(sampler_id, self._idle_reason())
-                entry = None
-            if entry is None:
-                why = self._freed.get(sampler_id, "the server restarted since it was made")
-                raise NotFoundError(
-                    f"sampling_session_id: sampling session {sampler_id!r} was freed ({why}); "
-                    "make a new sampling client"
-                )
-            entry.last_used = now
-        return entry.session
-
-    def sampler_used(self, sampler_id: str, future: Future) -> None:
-        """A sample is in flight on the sampler: it is not idle until the sample is done."""
-        with self._sampler_lock:
-            entry = self.samplers.get(sampler_id)
-            if entry is None:
-                return
-            entry.in_flight += 1
-
-        def done(_: Future) -> None:  # by id: a done future keeps its callbacks (and so this)
-            with self._sampler_lock:
-                entry = self.samplers.get(sampler_id)
-                if entry is not None:
-                    entry.in_flight -= 1
-                    entry.last_used = time.monotonic()
-
-        future.add_done_callback(done)
-
-    def _free(self, sampler_id: str, why: str) -> None:
-        """Drop a sampler (with `_sampler_lock` held); in-flight samples still finish."""
-        del self.samplers[sampler_id]
-        self._freed[sampler_id] = why
-        while len(self._freed) > FREED_REMEMBERED:
-            self._freed.popitem(last=False)
-
-    def _idle_reason(self) -> str:
-        return (
-            f"unused for {self.config.sampler_idle_seconds:g} s (bios serve --sampler-idle-minutes)"
-        )
-
-    def free_run_snapshots(self, run_id: str, why: str = "its run was unloaded") -> None:
-        with self._sampler_lock:
-            for sampler_id in [
-                i for i, e in self.samplers.items() if e.snapshot and e.run_id == run_id
-            ]:
-                self._free(sampler_id, why)
-
-    def free_replaced_snapshots(self, run_id: str | None) -> None:
-        grace = self.config.snapshot_replaced_idle_seconds
-        why = f"a newer snapshot of its run was made after it had been unused for {grace:g} s"
-        now = time.monotonic()
-        with self._sampler_lock:
-            for sampler_id in [
-                i
-                for i, e in self.samplers.items()
-                if e.snapshot and e.run_id == run_id and e.idle_for(now) >= grace
-            ]:
-                self._free(sampler_id, why)
-
-    def free_idle_samplers(self) -> None:
-        timeout = self.config.sampler_idle_seconds
-        if not timeout:
-            return
-        now = time.monotonic()
-        with self._sampler_lock:
-            for sampler_id in [i for i, e in self.samplers.items() if e.idle_for(now) >= timeout]:
-                self._free(sampler_id, self._idle_reason())
-
-    def check_sampler_quota(self, tenant: str | None, snapshot_of: str | None = None) -> None:
-        """Before a new sampler: what the new one would free is freed first, then counted."""
-        if snapshot_of is not None:
-            self.free_replaced_snapshots(snapshot_of)
-        self.free_idle_samplers()
-        with self._sampler_lock:
-            held = sum(e.tenant == tenant for e in self.samplers.values())
-        if held >= self.config.max_samplers_per_tenant:
-            raise QuotaExceeded(
-                f"samplers: {held} sampling sessions are held, the quota is "
-                f"{self.config.max_samplers_per_tenant}; unused ones are freed after "
-                f"{self.config.sampler_idle_seconds:g} s, a run's snapshots when it is unloaded"
-            )
-
-    def sampler_metrics(self, tenant: str | None) -> dict:
-        """Samplers held and the memory their own weights take: the tenant's, and the server's."""
-        self.free_idle_samplers()
-        with self._sampler_lock:
-            entries = list(self.samplers.values())
-
-        def figures(chosen: list[Sampler]) -> dict:
-            snapshots = [e for e in chosen if e.snapshot]
-            return {
-                "samplers": len(chosen),
-                "sampler_bytes": sum(e.weight_bytes for e in chosen),
-                "snapshots": len(snapshots),
-                "snapshot_bytes": sum(e.weight_bytes for e in snapshots),
-            }
-
-        mine = figures([e for e in entries if e.tenant == tenant])
-        mine["max_samplers"] = self.config.max_samplers_per_tenant
-        return {"tenant": mine, "server": figures(entries)}
 
 
 async def get_state(request: Request) -> ServerState:
