@@ -41,3 +41,53 @@ def test_each_sampler_has_its_own_lane(session_engine, llama):
     for future in backlog:
         future.result(timeout=30)
     assert order.index("sampled") <= 1, order
+
+
+def test_a_long_decode_takes_turns_with_a_forward_on_another_lane(session_engine, llama):
+    """A big sample decodes in turns: a training forward queued behind its first turn runs
+    after that one turn, not after the whole decode, and the tokens are those of one decode."""
+    import math
+
+    import torch
+
+    from bios.types import LoraConfig, ModelInput, SamplingParams
+    from helpers import random_datum
+
+    worker: ModelWorker = session_engine.worker(llama)
+    run_id = session_engine.create_run(llama, LoraConfig(rank=4))
+    datum = random_datum(worker.vocab_size, 8, "cross_entropy", torch.Generator().manual_seed(0))
+    session = session_engine.create_sampling_session(base_model=llama)
+    big, late = ModelInput.from_ints([5, 6, 7]), ModelInput.from_ints([9, 10])
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=11)
+    session.turn_seconds = math.inf  # the references: each decoded in one turn
+    want_big = session.sample(big, 16, params).result(timeout=60)
+    want_late = session.sample(late, 3, params).result(timeout=60)
+
+    session.turn_seconds, session.whole_below = 0.0, 0  # one decode step per turn
+    events: list[str] = []
+    late_sample = []
+    turn = session._turn
+
+    def counted(*args):
+        events.append("turn")
+        if not late_sample:  # a request arriving while the big one decodes
+            late_sample.append(session.sample(late, 3, params))
+        turn(*args)
+
+    session._turn = counted
+    gate = threading.Event()
+    worker.submit(gate.wait, lane="blocker")
+    sampled = session.sample(big, 16, params)
+    forward = session_engine.forward_backward(run_id, [datum], "cross_entropy", backward=False)
+    forward.add_done_callback(lambda _: events.append("forward"))
+    sampled.add_done_callback(lambda _: events.append("sampled"))
+    gate.set()
+    got_big = sampled.result(timeout=60)
+    forward.result(timeout=60)
+    got_late = late_sample[0].result(timeout=60)
+
+    assert events.index("forward") == 1, events[:5]  # after the sample's first turn
+    assert events.index("sampled") > events.index("forward")
+    assert events.count("turn") > 2
+    assert got_big == want_big
+    assert got_late == want_late

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Iterator
 
 from bios.distributed.protocol import Replica, call, op
 from bios.engine.decoding import SampleRequest, generate
@@ -90,6 +91,10 @@ class DistributedSamplingSession(SamplingSession):
         shares = split_requests(requests, self.replica.group.world)
         gathered = call(self.replica, "sample", self.session_id, shares, local=self)
         return merge_responses(requests, gathered)
+
+    def _decode_turns(self, requests: list[SampleRequest]) -> Iterator[list[SampleResponse]]:
+        """In one turn: every rank decodes its share at once (a collective cannot pause)."""
+        yield self._decode(requests)
 
 
 @op("sample")

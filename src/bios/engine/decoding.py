@@ -15,6 +15,8 @@ One call of `generate` decodes a batch of requests (each a prompt and `num_sampl
    stop token (the tokenizer's end-of-sequence tokens always count), a stop string or
    `max_tokens`; finished rows are dropped from the batch (and cache) once they are a quarter
    of it.
+4. Turns: `Decoder.advance` runs the decode for a time budget and returns, keeping its state, so
+   a long decode can share the worker with other work (`bios.engine.sampling_sessions`).
 
 Token choice (`choose_tokens`) for logits z, temperature T, top-k k and top-p p:
 
@@ -39,6 +41,8 @@ Python lists.
 
 from __future__ import annotations
 
+import math
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -209,7 +213,7 @@ def generate(model: nn.Module, requests: list[SampleRequest], tokenizer) -> list
 
     `tokenizer` decodes the tail of a sequence when a request has stop strings.
     """
-    return _Decoder(model, requests, tokenizer).run()
+    return Decoder(model, requests, tokenizer).run()
 
 
 @dataclass
@@ -233,8 +237,11 @@ class _Batch:
     mask: torch.Tensor | None = None  # (B, longest prompt + steps) when prompt lengths differ
 
 
-class _Decoder:
-    """The state of one `generate` call: per-row outputs indexed by original row id."""
+class Decoder:
+    """The state of one `generate` call: per-row outputs indexed by original row id.
+
+    `run` decodes at once; `advance` decodes in turns (see `SamplingSession`).
+    """
 
     def __init__(self, model: nn.Module, requests: list[SampleRequest], tokenizer) -> None:
         self.model, self.requests, self.tokenizer = model, requests, tokenizer
@@ -268,42 +275,83 @@ class _Decoder:
         self.logprobs = torch.zeros(rows, self.steps, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         self.stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.step = 0  # the next decode step
+        self.prefills: list[_Prefill] | None = None  # set by the first `advance`
+        self.batch: _Batch
+        self.logits: torch.Tensor  # (B, V): the logits the next step chooses from
+        self.packed: PackedLinears | None = None
 
     def run(self) -> list[SampleResponse]:
-        prefills = [_prefill(self.model, r) for r in self.requests]
-        logits = torch.cat(
-            [
-                p.last_logits.expand(r.num_samples, -1)
-                for p, r in zip(prefills, self.requests, strict=True)
-            ]
-        )
-        rows = len(self.request_of)
-        prompt_lengths = torch.tensor([len(r.prompt) for r in self.requests], device=self.device)
-        batch = _Batch(
-            ids=torch.arange(rows, device=self.device),
-            alive=torch.ones(rows, dtype=torch.bool, device=self.device),
-            positions=prompt_lengths[self.request_of],
-        )
-        batch.segments = self._segments(batch.ids)
+        """The whole decode in one go."""
+        while not self.advance(self.model, math.inf):
+            pass
+        return self.responses()
+
+    @torch.inference_mode()
+    def advance(self, model: nn.Module, seconds: float) -> bool:
+        """Decode for about `seconds` (at least one step; the first call also prefills) on `model`
+        (the same weights at every call); True once every row has finished.
+
+        All state (tokens so far, the batch and its KV cache) lives here, so a decode can be cut
+        into turns with other work on the model in between: the model's layers are patched (fused
+        norms, packed weights) only inside a call, and each turn continues exactly where the last
+        one stopped, so the tokens are the same however the decode is cut.
+        """
+        self.model = model
+        deadline = time.perf_counter() + seconds
+        if self.prefills is None:
+            self._start()
+        batch = self.batch
         with ExitStack() as stack:
-            for step in range(self.steps):
-                tokens = self._choose(batch, logits, step)
+            if batch.cache is not None:
+                self._patch(stack)
+            while self.step < self.steps:
+                step, self.step = self.step, self.step + 1
+                tokens = self._choose(batch, self.logits, step)
                 if not batch.alive.any():
+                    self.step = self.steps
                     break
                 if batch.cache is None:
                     # Built only now: a batch whose rows all stop at once (max_tokens=1) needs none.
                     tokens = self._keep_alive(batch, tokens)
-                    self._build_cache(batch, prefills)
-                    stack.enter_context(fused_rms_norms(self.model))
-                    packed = None
+                    self._build_cache(batch, self.prefills)
                     if len(tokens) >= MIN_ROWS and self.device.type == "cpu":
-                        packed = PackedLinears.of(self.model)
-                    if packed is not None:
-                        stack.enter_context(packed.installed())
+                        self.packed = PackedLinears.of(self.model)
+                    self._patch(stack)
                 elif int((~batch.alive).sum()) * 4 >= len(batch.ids):
                     tokens = self._keep_alive(batch, tokens)
-                logits = self._forward(batch, tokens)
-        return self._responses(prefills)
+                self.logits = self._forward(batch, tokens)
+                if time.perf_counter() >= deadline:
+                    break
+        return self.step >= self.steps
+
+    def responses(self) -> list[SampleResponse]:
+        """One response per request, once `advance` has returned True."""
+        assert self.prefills is not None and self.step >= self.steps
+        return self._responses(self.prefills)
+
+    def _start(self) -> None:
+        self.prefills = [_prefill(self.model, r) for r in self.requests]
+        self.logits = torch.cat(
+            [
+                p.last_logits.expand(r.num_samples, -1)
+                for p, r in zip(self.prefills, self.requests, strict=True)
+            ]
+        )
+        rows = len(self.request_of)
+        prompt_lengths = torch.tensor([len(r.prompt) for r in self.requests], device=self.device)
+        self.batch = _Batch(
+            ids=torch.arange(rows, device=self.device),
+            alive=torch.ones(rows, dtype=torch.bool, device=self.device),
+            positions=prompt_lengths[self.request_of],
+        )
+        self.batch.segments = self._segments(self.batch.ids)
+
+    def _patch(self, stack: ExitStack) -> None:
+        """Fused norms, and the packed weights when the batch was built big enough for them."""
+        stack.enter_context(fused_rms_norms(self.model))
+        if self.packed is not None:
+            stack.enter_context(self.packed.installed())
 
     def _segments(self, ids: torch.Tensor) -> list[_Segment]:
         requests, counts = torch.unique_consecutive(self.request_of[ids], return_counts=True)

@@ -11,7 +11,14 @@ A session samples from fixed weights on a base model's worker:
 Requests are checked in the caller's thread (`InvalidInputError` naming the field, nothing
 queued) and put on the session's queue; each also submits a drain task to the worker. The worker
 runs tasks one at a time, so while it is busy requests pile up, and the next drain decodes every
-pending request of the session in one batch (`bios.engine.decoding.generate`).
+pending request of the session in one batch (`bios.engine.decoding.Decoder`).
+
+A decode runs in turns: one turn decodes for `turn_seconds` (at least one step), then gives the
+worker back and queues its continuation first in the session's lane, so every other lane takes a
+turn in between — a request of 2,000 samples × 200 tokens delays another tenant's forward by one
+turn, not by its whole decode. The decoder's state (tokens so far, KV cache) carries over, so the
+tokens are the same however the decode is cut; requests arriving meanwhile wait for the next batch.
+A small batch (at most `whole_below` samples × max_tokens) decodes in one turn.
 """
 
 from __future__ import annotations
@@ -28,12 +35,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
 from bios.checkpoints.layout import FULL_WEIGHTS_FILE, has_adapter, has_full_weights, read_state
-from bios.engine.decoding import SampleRequest, SampleSettings, generate, prompt_logprobs
+from bios.engine.decoding import (
+    Decoder,
+    SampleRequest,
+    SampleSettings,
+    generate,
+    prompt_logprobs,
+)
 from bios.engine.runs import Run
 from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError
@@ -54,6 +68,8 @@ class SamplingSession:
     """Fixed weights to sample from, and the queue of requests waiting for the worker."""
 
     max_batch_rows = 64  # rows (samples) decoded together at most; bounds the KV cache
+    turn_seconds = 0.05  # decode time per worker turn (at least one step) before others go
+    whole_below = 1024  # a batch of at most this many samples × max_tokens decodes in one turn
 
     def __init__(
         self,
@@ -162,7 +178,7 @@ class SamplingSession:
         return self.worker.submit(run, lane=self.lane)
 
     def _drain(self) -> None:
-        """Decode the pending requests (up to `max_batch_rows` rows) as one batch."""
+        """Start decoding the pending requests (up to `max_batch_rows` rows) as one batch."""
         with self._lock:
             taken, rows = 0, 0
             while taken < len(self._pending):
@@ -175,14 +191,40 @@ class SamplingSession:
         if not batch:
             return  # an earlier drain took them
         self.batch_sizes.append(len(batch))
+        self._turn(self._decode_turns([r for r, _ in batch]), batch)
+
+    def _turn(
+        self,
+        turns: Iterator[list[SampleResponse] | None],
+        batch: list[tuple[SampleRequest, Future]],
+    ) -> None:
+        """One turn of a batch's decode; queues the next first in this lane until it is done."""
         try:
-            responses = self._decode([r for r, _ in batch])
+            responses = next(turns)
         except BaseException as error:
             for _, future in batch:
                 future.set_exception(error)
             return
+        if responses is None:
+            self.worker.submit(self._turn, turns, batch, lane=self.lane, first=True)
+            return
         for (_, future), response in zip(batch, responses, strict=True):
             future.set_result(response)
+
+    def _decode_turns(self, requests: list[SampleRequest]) -> Iterator[list[SampleResponse] | None]:
+        """Decode `requests` in turns: None after each unfinished turn, then the responses."""
+        work = sum(r.num_samples * r.settings.max_tokens for r in requests)
+        seconds = self.turn_seconds if work > self.whole_below else math.inf
+        decoder: Decoder | None = None
+        while True:
+            with self.model() as model, torch.inference_mode():
+                if decoder is None:
+                    decoder = Decoder(model, requests, self.worker.loaded.tokenizer)
+                done = decoder.advance(model, seconds)
+            if done:
+                break
+            yield None
+        yield decoder.responses()
 
     def _decode(self, requests: list[SampleRequest]) -> list[SampleResponse]:
         """One response per request, decoded as one batch (worker thread only)."""

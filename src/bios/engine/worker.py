@@ -7,7 +7,9 @@ each lane in turn. Within a lane, items run in submission order, which gives eve
 Tinker's ordering guarantee (a `forward_backward` and an `optim_step` submitted back to back run
 in that order).
 Across lanes the turns are fair: a tenant that queues a hundred requests delays another tenant's
-next request by at most one of them, never by all hundred.
+next request by at most one of them, never by all hundred. An item that would hold the thread
+long (a big decode) runs in turns of bounded length, re-queuing its continuation first in its own
+lane (`submit(first=True)`), so one item delays the other lanes by one turn, not by its whole cost.
 """
 
 from __future__ import annotations
@@ -57,13 +59,25 @@ class ModelWorker:
     def max_length(self) -> int:
         return int(getattr(self.loaded.model.config, "max_position_embeddings", 1 << 20))
 
-    def submit(self, fn: Callable[..., T], *args: object, lane: str = "") -> Future[T]:
-        """Queue `fn(*args)` behind everything submitted to `lane` before it."""
+    def submit(
+        self, fn: Callable[..., T], *args: object, lane: str = "", first: bool = False
+    ) -> Future[T]:
+        """Queue `fn(*args)` behind everything submitted to `lane` before it.
+
+        `first=True` queues it ahead of the lane's other items instead: the continuation of the
+        item that just ran (a decode cut into turns), which runs at the lane's next turn — after
+        every other lane has had one. A continuation is accepted after `shutdown` too, as part of
+        the work queued before it.
+        """
         future: Future[T] = Future()
         with self._ready:
-            if self._stopping:
+            if self._stopping and not first:
                 raise RuntimeError("the model worker has shut down")
-            self._lanes.setdefault(lane, deque()).append((fn, args, future))
+            items = self._lanes.setdefault(lane, deque())
+            if first:
+                items.appendleft((fn, args, future))
+            else:
+                items.append((fn, args, future))
             self._ready.notify()
         return future
 

@@ -15,13 +15,10 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from bios.errors import NotFoundError
+from bios.server.config import ServerConfig
 from bios.server.store import Store
-
-if TYPE_CHECKING:
-    from bios.server.state import ServerConfig
 
 FREED_REMEMBERED = 100_000  # freed sampler ids whose reason a later request is still told
 
