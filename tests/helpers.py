@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from bios.engine.runs import TrainingRun
@@ -36,3 +38,17 @@ def reference_logprobs(model: torch.nn.Module, datum: Datum) -> torch.Tensor:
 def state_fingerprint(run: TrainingRun) -> str:
     """A hash of the run's weights, accumulated gradients and optimizer state."""
     return run.fingerprint()
+
+
+def future_result(client, response) -> dict:
+    """The result of an accepted request to an in-process server (FastAPI's TestClient):
+    `retrieve_future` polled until it is done; a failure or an error answer fails the test."""
+    assert response.status_code == 200, response.text
+    request_id = response.json()["request_id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        answer = client.post("/api/v1/retrieve_future", json={"request_id": request_id}).json()
+        if answer.get("type") != "try_again":
+            assert "error" not in answer, answer
+            return answer
+    raise TimeoutError(request_id)

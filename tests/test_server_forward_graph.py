@@ -8,8 +8,6 @@ engine, so the run's kept forward can be inspected after each request.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +16,7 @@ from tinker.proto import tinker_public_pb2 as pb
 from bios.engine.engine import Engine
 from bios.server.app import create_app
 from bios.server.state import ServerConfig, ServerState
+from helpers import future_result as result
 from test_kept_graph import count_forwards
 
 TOKENS = [5, 9, 17, 33, 65, 129, 7]
@@ -31,18 +30,6 @@ def datum_json(weights: float = 1.0) -> dict:
             "weights": {"data": [weights] * (len(TOKENS) - 1), "dtype": "float32"},
         },
     }
-
-
-def result(client: TestClient, response) -> dict:
-    assert response.status_code == 200, response.text
-    request_id = response.json()["request_id"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        answer = client.post("/api/v1/retrieve_future", json={"request_id": request_id}).json()
-        if answer.get("type") != "try_again":
-            assert "error" not in answer, answer
-            return answer
-    raise TimeoutError(request_id)
 
 
 def make_client(tmp_path, engine: Engine, keep_graphs: bool = True) -> TestClient:

@@ -20,20 +20,9 @@ from bios.engine.engine import Engine
 from bios.errors import NotFoundError
 from bios.server.app import create_app
 from bios.server.state import ServerConfig, ServerState
+from helpers import future_result as result
 
 PROMPT = {"chunks": [{"tokens": [1, 2, 3]}]}
-
-
-def result(client: TestClient, response) -> dict:
-    assert response.status_code == 200, response.text
-    request_id = response.json()["request_id"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        answer = client.post("/api/v1/retrieve_future", json={"request_id": request_id}).json()
-        if answer.get("type") != "try_again":
-            assert "error" not in answer, answer
-            return answer
-    raise TimeoutError(request_id)
 
 
 def sample(client: TestClient, sampler_id: str):
