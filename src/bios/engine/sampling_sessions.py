@@ -208,6 +208,7 @@ class SamplingSession:
         if responses is None:
             self.worker.submit(self._turn, turns, batch, lane=self.lane, first=True)
             return
+        turns.close()
         for (_, future), response in zip(batch, responses, strict=True):
             future.set_result(response)
 
@@ -224,7 +225,9 @@ class SamplingSession:
             if done:
                 break
             yield None
-        yield decoder.responses()
+        responses = decoder.responses()
+        del decoder, model  # the decode's KV cache and patched weights go now, not at exit
+        yield responses
 
     def _decode(self, requests: list[SampleRequest]) -> list[SampleResponse]:
         """One response per request, decoded as one batch (worker thread only)."""
