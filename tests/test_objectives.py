@@ -14,8 +14,12 @@ from bios.client.service import ServiceClient
 from bios.engine.engine import Engine
 from helpers import random_datum, reference_logprobs
 
-LOSSES = ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
-CONFIGS = {"ppo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}, "dro": {"beta": 0.3}}
+LOSSES = ["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"]
+CONFIGS = {
+    "ppo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
+    "dro": {"beta": 0.3},
+    "gspo": {"clip_low_threshold": 0.98, "clip_high_threshold": 1.02},
+}
 
 
 def hand_loss(loss_fn: str, lp: torch.Tensor, inputs: dict, config: dict) -> torch.Tensor:
@@ -34,11 +38,22 @@ def hand_loss(loss_fn: str, lp: torch.Tensor, inputs: dict, config: dict) -> tor
         return -(ratio.clamp(lo, hi).detach() * lp * adv).sum()
     if loss_fn == "dro":
         return -(lp * adv - 0.5 * config["beta"] * (lp - q) ** 2).sum()
+    if loss_fn == "gspo":  # one datum: one sequence ratio over its masked tokens
+        masked = inputs["sequence_ratio_mask"] != 0
+        s = torch.exp((lp.detach() - q)[masked].mean() + lp - lp.detach())
+        return -torch.min(s * adv, s.clamp(lo, hi) * adv).sum()
     raise AssertionError(loss_fn)
 
 
 def make_batch(loss_fn: str, vocab: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
+    if loss_fn == "gspo":  # the sequence ratio over all but each datum's first token
+        return [
+            random_datum(
+                vocab, n, loss_fn, generator, sequence_ratio_mask=(torch.arange(n) > 0).float()
+            )
+            for n in (7, 12, 3)
+        ]
     return [random_datum(vocab, n, loss_fn, generator) for n in (7, 12, 3)]
 
 

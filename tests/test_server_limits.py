@@ -164,7 +164,7 @@ def test_sparse_shape_over_the_limit_is_400_before_allocating(limited):
         "forward_backward",
         400,
         "4,000,000 values",
-        "256",
+        "over the limit",  # of 64 soft targets per position, before the tokens are counted
         content=body,
         headers=PROTO,
     )

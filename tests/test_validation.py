@@ -85,7 +85,8 @@ BAD_REQUESTS = {
         "ppo2",
         None,
         r"loss_fn: unknown loss 'ppo2'; expected one of: "
-        r"cispo, cross_entropy, dpo, dpo_hinge, dro, importance_sampling, ipo, kl, ppo",
+        r"cispo, cross_entropy, dpo, dpo_hinge, dro, gspo, importance_sampling, ipo, kl, ppo, "
+        r"stable_reinforce$",
     ),
     "empty batch": (lambda: [], "ppo", None, r"data: expected a non-empty list"),
     "empty model input": (

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from bios.errors import InvalidInputError
 
@@ -28,6 +29,7 @@ __all__ = [
     "ModelData",
     "ModelInput",
     "OptimStepResponse",
+    "ProvenanceSpan",
     "SampleResponse",
     "SampledSequence",
     "SamplingParams",
@@ -37,7 +39,9 @@ __all__ = [
     "TensorData",
 ]
 
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+LossFnType = Literal[
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"
+]
 
 # dtype given to plain Python lists by key, as Tinker's SDK does.
 _KEY_DTYPE: dict[str, str] = {
@@ -47,6 +51,7 @@ _KEY_DTYPE: dict[str, str] = {
     "logprobs": "float32",
     "clip_low_threshold": "float32",
     "clip_high_threshold": "float32",
+    "sequence_ratio_mask": "float32",
 }
 
 _NUMPY_DTYPE = {"int64": np.int64, "float32": np.float32}
@@ -71,10 +76,41 @@ class EncodedTextChunk(_Base):
         return len(self.tokens)
 
 
+# Tinker's other chunk types, by their `type` tag: refused by name, as no vision or audio model
+# is served yet (never dropped, never a 500).
+UNSUPPORTED_CHUNKS = {
+    "image": "ImageChunk",
+    "image_asset_pointer": "ImageAssetPointerChunk",
+    "dmel": "DmelChunk",
+}
+
+
+def unsupported_chunk(kind: str | None) -> str:
+    """Why a model input chunk of type `kind` is refused."""
+    if kind in UNSUPPORTED_CHUNKS:
+        return (
+            f"{UNSUPPORTED_CHUNKS[kind]} (type {kind!r}) is not supported: Bios serves text "
+            "models only (no vision or audio model yet); send encoded_text chunks"
+        )
+    return f"chunk type {kind!r} is not supported; send encoded_text chunks"
+
+
 class ModelInput(_Base):
     """The tokens a model reads, as a list of chunks (only text chunks in Bios today)."""
 
     chunks: list[EncodedTextChunk] = Field(default_factory=list)
+
+    @field_validator("chunks", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        # "unsupported": the error type the server answers with a 400 naming the field.
+        for index, chunk in enumerate(value if isinstance(value, list) else []):
+            kind = chunk.get("type") if isinstance(chunk, dict) else getattr(chunk, "type", None)
+            if kind in UNSUPPORTED_CHUNKS:
+                raise PydanticCustomError(
+                    "unsupported", f"chunks[{index}]: {unsupported_chunk(kind)}"
+                )
+        return value
 
     @classmethod
     def from_ints(cls, tokens: Sequence[int]) -> ModelInput:
@@ -161,11 +197,29 @@ def _to_tensor_data(key: str, value: Any) -> Any:
     return value
 
 
+class ProvenanceSpan(_Base):
+    """A run of `length` consecutive positions of a datum field that are positions
+    [offset, offset + length) of a sampled sequence's prompt (`type="prompt"`) or of its sampled
+    tokens (`type="sampled"`), the sequence named by its `sequence_id` (Tinker's
+    `PromptProvenanceSpan` / `SampledProvenanceSpan`). A field's spans tile it in order."""
+
+    type: Literal["prompt", "sampled"]
+    sequence_id: str = Field(min_length=1)
+    offset: int = Field(default=0, ge=0)
+    length: int = Field(ge=0)
+
+
 class Datum(_Base):
-    """One training example: the model input and the per-token inputs of the objective."""
+    """One training example: the model input and the per-token inputs of the objective.
+
+    `model_input_spans` / `loss_fn_input_spans` (both or neither): where each input token and
+    each target row came from (`ProvenanceSpan`), for objectives that use what was recorded when
+    the tokens were sampled (`stable_reinforce`)."""
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
+    model_input_spans: list[ProvenanceSpan] | None = None
+    loss_fn_input_spans: list[ProvenanceSpan] | None = None
 
     @field_validator("loss_fn_inputs", mode="before")
     @classmethod
@@ -266,8 +320,8 @@ class SamplingParams(_Base):
 
     `max_tokens` None means "until the model's context is full". `temperature` 0 is greedy.
     `top_k` -1 and `top_p` 1 switch truncation off. `stop` takes strings (matched in the decoded
-    text, across token boundaries) or token ids; the tokenizer's end-of-sequence tokens always
-    stop. The same `seed` gives the same tokens.
+    text, across token boundaries) or token ids; the tokenizer's end-of-sequence tokens stop
+    too, except with `stop=[]`, which turns every stop off. The same `seed` gives the same tokens.
     """
 
     max_tokens: int | None = None
@@ -284,6 +338,11 @@ class SampledSequence(_Base):
     stop_reason: StopReason
     tokens: list[int]
     logprobs: list[float] | None = None
+    # Names this sequence in later requests (provenance spans); `<request id>:<index>`.
+    sequence_id: str | None = None
+    # With `topk_sample_logprobs = K`: at each sampled position, the K most probable
+    # (token id, log π) pairs of the distribution sampled from (fewer where π has fewer tokens).
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class SampleResponse(_Base):

@@ -2,7 +2,9 @@
 
 `bios://<run_id>/weights/<name>` is a training state (weights and optimizer);
 `bios://<run_id>/sampler_weights/<name>` holds weights only. `tinker://` is accepted as a synonym.
-On disk both are folders under `<home>/runs/<run_id>/<kind>/<name>/`, written with
+A third kind, `external_weights/<name>`, is an export for use outside Bios (`bios serve`'s
+`save_weights_external`): listed, downloaded and deleted like the others, never loaded.
+On disk all are folders under `<home>/runs/<run_id>/<kind>/<name>/`, written with
 `bios.fsutil.atomic_folder` so a crash never leaves a half-written checkpoint under a real name.
 """
 
@@ -14,7 +16,9 @@ from pathlib import Path
 
 from bios.errors import InvalidInputError, NotFoundError
 
-KINDS = ("weights", "sampler_weights")
+KINDS = ("weights", "sampler_weights")  # the kinds a run can load or sample from
+EXTERNAL_KIND = "external_weights"
+ALL_KINDS = (*KINDS, EXTERNAL_KIND)
 SCHEMES = ("bios://", "tinker://")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -309,6 +309,9 @@ class HttpTransport:
         sampling_params: SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        *,
+        topk_sample_logprobs: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> Future[SampleResponse]:
         params = (
             sampling_params.model_dump()
@@ -322,6 +325,8 @@ class HttpTransport:
             "sampling_params": params,
             "prompt_logprobs": include_prompt_logprobs,
             "topk_prompt_logprobs": topk_prompt_logprobs,
+            "topk_sample_logprobs": topk_sample_logprobs,
+            "prompt_logprobs_last_n": prompt_logprobs_last_n,
         }
         return self._future(self._call("asample", body), SampleResponse.model_validate)
 

@@ -35,12 +35,18 @@ class SamplingClient:
         sampling_params: SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        *,
+        topk_sample_logprobs: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> APIFuture[SampleResponse]:
         """`num_samples` continuations of `prompt`, each with the logprob of every sampled token
         under the distribution it was drawn from (after temperature, top-k and top-p).
 
         `include_prompt_logprobs` adds log p(prompt[i] | prompt[:i]) (None first);
-        `topk_prompt_logprobs=k` the k most likely (token, logprob) pairs at each prompt position.
+        `topk_prompt_logprobs=k` the k most likely (token, logprob) pairs at each prompt position;
+        `prompt_logprobs_last_n=n` scores only the last n prompt positions (the others None).
+        `topk_sample_logprobs=k` adds, at each sampled position, the k most probable tokens of
+        the distribution sampled from (`SampledSequence.topk_logprobs`).
         Bad input raises `InvalidInputError` here, before anything is queued.
         """
         return APIFuture(
@@ -51,6 +57,8 @@ class SamplingClient:
                 sampling_params,
                 include_prompt_logprobs,
                 topk_prompt_logprobs,
+                topk_sample_logprobs=topk_sample_logprobs,
+                prompt_logprobs_last_n=prompt_logprobs_last_n,
             )
         )
 

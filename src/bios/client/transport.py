@@ -124,6 +124,9 @@ class Transport(Protocol):
         sampling_params: SamplingParams,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        *,
+        topk_sample_logprobs: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> Future[SampleResponse]: ...
 
     def compute_logprobs(

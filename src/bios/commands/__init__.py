@@ -12,6 +12,7 @@ sample.py   bios sample MODEL_OR_PATH "prompt"
 runs.py     bios runs
 export.py   bios export PATH --adapter DIR | --merged DIR
 plot.py     bios plot RUN
+console.py  bios console [RUNS_DIR]     (the web console over run folders, read-only)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 from bios.commands import (
+    console,
     doctor,
     export,
     keys,
@@ -33,7 +35,7 @@ from bios.commands import (
 )
 
 # The order `bios --help` lists them in.
-MODULES = (models, doctor, serve, keys, launch, train, sweep, sample, runs, export, plot)
+MODULES = (models, doctor, serve, keys, launch, train, sweep, sample, runs, export, plot, console)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

@@ -4,7 +4,10 @@ rank 0 evaluates the objective on the whole batch.
     1. rank 0 splits the batch into contiguous runs of data (by datum index, balanced by tokens)
        and sends each rank its share;
     2. every rank runs the model on its share and sends rank 0 the target logprobs (detached;
-       and `ref_logprobs` computed from the reference model, if the objective needs them);
+       and `ref_logprobs` computed from the reference model, if the objective needs them),
+       computed in chunks as one process does (`engine.forward.target_logprobs`), so no rank
+       holds all its positions' logits — except FSDP2 runs, whose root parameters only the
+       whole model's forward gathers, and a custom loss of the logits;
     3. rank 0 puts them back in datum order and evaluates the objective on the whole batch,
        exactly as one process does, on a leaf copy of the logprobs: the loss, the metrics and
        dL/dlogprobs, which it sends back, each rank its share;
@@ -31,7 +34,7 @@ import torch
 from bios.distributed.group import Group
 from bios.distributed.protocol import RaisedInStep
 from bios.engine.batch import PackedBatch, pack_sequences
-from bios.engine.forward import batch_logits, gather_logprobs
+from bios.engine.forward import batch_logits, gather_logprobs, target_logprobs
 from bios.engine.runs import forward_output
 from bios.errors import InvalidInputError
 from bios.models.lora import LoRAAdapter
@@ -119,12 +122,18 @@ def distributed_step(
     with torch.set_grad_enabled(header.backward), run.model() as model:
         if runs_model:
             batch = batch.to(next(model.parameters()).device)
-            logits = batch_logits(model, batch)
-            if has_data:
-                live = [logits[batch.mask]] if header.logits else []
-                live.append(gather_logprobs(logits, batch))
-                sent = [t.detach() for t in live]
-            dummy_loss = logits.sum() * 0.0  # takes part in FSDP2's backward, adds nothing
+            if header.logits or run.lockstep:
+                # A loss of the logits needs them all; so does FSDP2, whose root parameters
+                # (embeddings, head) are gathered only by the whole model's forward.
+                outputs = batch_logits(model, batch)
+                if has_data:
+                    live = [outputs[batch.mask]] if header.logits else []
+                    live.append(gather_logprobs(outputs, batch))
+            else:  # chunked, as one process computes them: never every position's logits
+                outputs = target_logprobs(model, batch)
+                live = [outputs] if has_data else []
+            sent = [t.detach() for t in live]
+            dummy_loss = outputs.sum() * 0.0  # takes part in FSDP2's backward, adds nothing
         if has_data and header.reference is not None:
             sent.append(run.reference_logprobs(batch, reference))
         gathered = group.gather(sent, f"{what}: collecting logprobs")

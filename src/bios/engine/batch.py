@@ -14,11 +14,24 @@ from dataclasses import dataclass
 
 import torch
 
+from bios.engine import provenance
 from bios.errors import InvalidInputError
-from bios.objectives import DATUM_INDEX, LossFn, Objective, get_objective
+from bios.objectives import (
+    DATUM_INDEX,
+    SAMPLED,
+    SAMPLER_LOGPROBS,
+    LossFn,
+    Objective,
+    get_objective,
+)
 from bios.types import FLOAT32_MAX, Datum, TensorData, checked_data
 
 _INT_KEYS = {"target_tokens"}
+# The inputs that may be (N, K) for an objective with soft targets: K targets per position.
+_SOFT_KEYS = ("target_tokens", "weights")
+# How far a client's sampling logprobs may be from the recorded ones (both float32 of the same
+# number when the client passes on what it was sent).
+_LOGPROB_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -35,7 +48,7 @@ class PackedBatch:
     """
 
     input_ids: torch.Tensor  # (R, L) int64, padded with 0 at the end of a row
-    targets: torch.Tensor  # (R, L) int64, padded with 0
+    targets: torch.Tensor  # (R, L) int64, padded with 0; (R, L, K) with K soft targets
     mask: torch.Tensor  # (R, L) bool, True on real tokens
     lengths: list[int]  # per datum, in datum order
     inputs: dict[str, torch.Tensor]  # each (sum of lengths,), in datum order; + datum_index
@@ -56,7 +69,8 @@ class PackedBatch:
         return sum(self.lengths)
 
     def flat_targets(self) -> torch.Tensor:
-        """(sum of lengths,) the target of every real token, in datum order."""
+        """(sum of lengths,) the target of every real token, in datum order ((sum, K) with K
+        soft targets)."""
         return self.targets[self.mask]
 
     def attention_mask(self, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -115,7 +129,7 @@ def pack_sequences(
     width = max(sum(lengths[i] for i in members) for members in packed_rows)
     shape = (len(packed_rows), width)
     input_ids = torch.zeros(shape, dtype=torch.int64)
-    padded_targets = torch.zeros(shape, dtype=torch.int64)
+    padded_targets = torch.zeros(shape + tuple(targets[0].shape[1:]), dtype=torch.int64)
     position_ids = torch.zeros(shape, dtype=torch.int64)
     segment_ids = torch.full(shape, -1, dtype=torch.int64)
     for row, members in enumerate(packed_rows):
@@ -190,14 +204,31 @@ def resolve_config(objective: Objective, config: Mapping[str, float] | None) -> 
     return values
 
 
-def _tensor(field: str, key: str, data: TensorData, length: int, custom: bool) -> torch.Tensor:
+def _tensor(
+    field: str, key: str, data: TensorData, length: int, custom: bool, soft: bool = False
+) -> torch.Tensor:
+    """One loss input, checked: dtype, shape [length] (or [length, K] for a soft-target key when
+    `soft`), and values finite within float32."""
     expected_dtype = "int64" if key in _INT_KEYS else "float32"
     if data.dtype != expected_dtype and not (custom and key not in _INT_KEYS):
         raise InvalidInputError(field, f"expected dtype {expected_dtype}, got {data.dtype}")
     shape = data.shape if data.shape is not None else [len(data.data)]
-    if len(shape) != 1 or shape[0] != length or len(data.data) != length:
+    if soft and key in _SOFT_KEYS and len(shape) == 2:
+        if shape[0] != length or shape[1] < 1 or len(data.data) != shape[0] * shape[1]:
+            raise InvalidInputError(
+                field,
+                f"expected shape [{length}] or [{length}, K] with K ≥ 1 (the length of "
+                f"model_input, K targets per position), got {shape} holding {len(data.data)} "
+                "values",
+            )
+    elif len(shape) != 1 or shape[0] != length or len(data.data) != length:
+        soft_note = (
+            "; (N, K) soft targets are taken by cross_entropy's target_tokens and weights only"
+            if len(shape) == 2 and key in _SOFT_KEYS
+            else ""
+        )
         raise InvalidInputError(
-            field, f"expected shape [{length}] (the length of model_input), got {shape}"
+            field, f"expected shape [{length}] (the length of model_input), got {shape}{soft_note}"
         )
     if data.dtype == "float32":  # read wide first: float32 would turn 1e39 into inf unseen
         wide = torch.tensor(data.data, dtype=torch.float64)
@@ -211,9 +242,9 @@ def _tensor(field: str, key: str, data: TensorData, length: int, custom: bool) -
             raise InvalidInputError(field, f"{what} {value} at position {position}")
     tensor = data.to_torch()
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        position = int((~torch.isfinite(tensor)).nonzero()[0])
+        position = int((~torch.isfinite(tensor.reshape(-1))).nonzero()[0])
         raise InvalidInputError(
-            field, f"non-finite value {tensor[position].item()} at position {position}"
+            field, f"non-finite value {tensor.reshape(-1)[position].item()} at position {position}"
         )
     return tensor
 
@@ -221,12 +252,59 @@ def _tensor(field: str, key: str, data: TensorData, length: int, custom: bool) -
 def _check_tokens(field: str, tokens: torch.Tensor, vocab_size: int) -> None:
     bad = (tokens < 0) | (tokens >= vocab_size)
     if bad.any():
-        position = int(bad.nonzero()[0])
+        where = bad.nonzero()[0]
+        position = ", ".join(str(int(i)) for i in where)
         raise InvalidInputError(
             field,
-            f"token id {int(tokens[position])} at position {position} is outside the "
+            f"token id {int(tokens[tuple(where)])} at position {position} is outside the "
             f"vocabulary [0, {vocab_size})",
         )
+
+
+def _check_soft(where: str, tensors: dict[str, torch.Tensor], first_k: int | None) -> int | None:
+    """Soft targets: `weights` as (N, K) as `target_tokens`, and one K across the batch.
+    Answers this datum's K (None: one target per position)."""
+    targets, weights = tensors.get("target_tokens"), tensors.get("weights")
+    k = targets.shape[1] if targets is not None and targets.dim() == 2 else None
+    if weights is not None and targets is not None and weights.shape != targets.shape:
+        raise InvalidInputError(
+            f"{where}.loss_fn_inputs['weights']",
+            f"expected shape {list(targets.shape)} (that of target_tokens), "
+            f"got {list(weights.shape)}",
+        )
+    if first_k != k and where != "data[0]":
+        raise InvalidInputError(
+            f"{where}.loss_fn_inputs['target_tokens']",
+            f"{'K = ' + str(k) if k else 'one'} target(s) per position, but data[0] has "
+            f"{'K = ' + str(first_k) if first_k else 'one'}: every datum of a request has the "
+            "same number",
+        )
+    return k
+
+
+def _check_provenance_inputs(where: str, columns: dict[str, torch.Tensor]) -> None:
+    """With recorded sampling: advantages only on sampled tokens, and the client's sampling
+    logprobs (if sent) the recorded ones."""
+    sampled = columns[SAMPLED] > 0
+    advantages = columns.get("advantages")
+    if advantages is not None and (advantages[~sampled] != 0).any():
+        position = int(((advantages != 0) & ~sampled).nonzero()[0])
+        raise InvalidInputError(
+            f"{where}.loss_fn_inputs['advantages']",
+            f"nonzero ({float(advantages[position])}) at position {position}, which no sampled "
+            "span covers: this loss takes advantages on sampled tokens only",
+        )
+    given = columns.get("logprobs")
+    if given is not None:
+        off = (given - columns[SAMPLER_LOGPROBS]).abs() > _LOGPROB_TOLERANCE
+        off &= sampled
+        if off.any():
+            position = int(off.nonzero()[0])
+            raise InvalidInputError(
+                f"{where}.loss_fn_inputs['logprobs']",
+                f"{float(given[position])} at position {position}, but the sampler recorded "
+                f"{float(columns[SAMPLER_LOGPROBS][position])} for that token",
+            )
 
 
 def _check_keys(where: str, given: Mapping[str, TensorData], objective: Objective | None):
@@ -259,16 +337,25 @@ def _check_shape_of_batch(data: Sequence[Datum], objective: Objective | None) ->
 
 
 def pack_batch(
-    data: Sequence[Datum], objective: Objective | None, vocab_size: int, max_length: int
+    data: Sequence[Datum],
+    objective: Objective | None,
+    vocab_size: int,
+    max_length: int,
+    lookup: provenance.Lookup | None = None,
 ) -> PackedBatch:
-    """Validate `data` for `objective` (None: a custom loss) and pack it.
+    """Validate `data` for `objective` (None: a custom loss) and pack it. Provenance spans must
+    tile their fields; an objective with `provenance` resolves them through `lookup` (sequence
+    id -> what its sampler recorded, `bios.engine.provenance`).
 
     Raises InvalidInputError naming the field.
     """
     _check_shape_of_batch(data, objective)
+    soft = objective is not None and objective.soft_targets
+    uses_provenance = objective is not None and objective.provenance
     rows: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     columns: dict[str, list[torch.Tensor]] = {}
+    first_k: int | None = None
     for index, datum in enumerate(data):
         where = f"data[{index}]"
         tokens = torch.tensor(datum.model_input.to_ints(), dtype=torch.int64)
@@ -281,14 +368,41 @@ def pack_batch(
             )
         _check_tokens(f"{where}.model_input", tokens, vocab_size)
         _check_keys(where, datum.loss_fn_inputs, objective)
-        for key, value in datum.loss_fn_inputs.items():
-            field = f"{where}.loss_fn_inputs[{key!r}]"
-            tensor = _tensor(field, key, value, len(tokens), custom=objective is None)
-            if key == "target_tokens":
-                _check_tokens(field, tensor, vocab_size)
-                targets.append(tensor)
-            else:
-                columns.setdefault(key, []).append(tensor)
+        provenance.check_tiling(
+            where, datum.model_input_spans, datum.loss_fn_input_spans, len(tokens), len(tokens)
+        )
+        tensors = {
+            key: _tensor(
+                f"{where}.loss_fn_inputs[{key!r}]", key, value, len(tokens), objective is None, soft
+            )
+            for key, value in datum.loss_fn_inputs.items()
+        }
+        mask = tensors.get("sequence_ratio_mask")
+        if mask is not None and not mask.any():
+            raise InvalidInputError(
+                f"{where}.loss_fn_inputs['sequence_ratio_mask']",
+                "marks no token: the sequence ratio is a mean over at least one",
+            )
+        k = _check_soft(where, tensors, first_k)
+        first_k = k if index == 0 else first_k
+        _check_tokens(
+            f"{where}.loss_fn_inputs['target_tokens']", tensors["target_tokens"], vocab_size
+        )
+        if uses_provenance:
+            if lookup is None:
+                raise InvalidInputError("loss_fn", "this engine keeps no sampling records")
+            tensors[SAMPLER_LOGPROBS], tensors[SAMPLED] = provenance.resolve(
+                where,
+                datum.model_input_spans,
+                datum.loss_fn_input_spans,
+                tokens,
+                tensors["target_tokens"],
+                lookup,
+            )
+            _check_provenance_inputs(where, tensors)
+        targets.append(tensors.pop("target_tokens"))
+        for key, tensor in tensors.items():
+            columns.setdefault(key, []).append(tensor)
         rows.append(tokens)
     for key, pieces in columns.items():
         if len(pieces) != len(data):

@@ -27,7 +27,9 @@ Token choice (`choose_tokens`) for logits z, temperature T, top-k k and top-p p:
 So the reported logprob is that of the distribution actually sampled from: with T = 1, k = -1,
 p = 1 it is the model's own log p(token | context), the value `forward` computes. T = 0 is greedy
 (argmax of z) and reports 0.0, the log-probability of a point mass; ask `compute_logprobs` for
-the model's own logprobs of a greedy sequence.
+the model's own logprobs of a greedy sequence. `topk_sample_logprobs = K` reports, at each
+sampled position, the K most probable tokens of that same π with their log π; where π has fewer
+than K tokens (truncated by k or p, or a point mass at T = 0) the list is shorter.
 
 Randomness: each request owns a `torch.Generator` seeded with its seed and draws `num_samples`
 uniforms per step (inverse-CDF sampling, one uniform per row), so a request's tokens depend on its
@@ -78,6 +80,9 @@ class SampleRequest:
     settings: SampleSettings
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0  # the K most probable tokens of π at each sampled position
+    # Prompt logprobs (and top-k) only for the last N positions; earlier entries None.
+    prompt_logprobs_last_n: int | None = None
     # A part of a larger request (several ranks share one): these are samples
     # [first_sample, first_sample + num_samples) of `total_samples`, drawn from the whole
     # request's random stream, so the parts together equal the request decoded at once.
@@ -85,23 +90,16 @@ class SampleRequest:
     total_samples: int | None = None
 
 
-def choose_tokens(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    uniforms: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row of `logits` (R, V) and return (tokens, log π(token)), both (R,).
+def sampling_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π over the columns kept for each row of `logits` (R, V), temperature > 0, and the
+    vocabulary ids of those columns (None: the columns are the vocabulary itself).
 
     π is softmax(logits / temperature) truncated to the `top_k` most probable tokens, then to the
     smallest most-probable set whose mass reaches `top_p`, and renormalised (see the module
-    docstring). `uniforms` (R,) in [0, 1) pick the token by inverse CDF: the first token whose
-    cumulative probability exceeds u times the total. Temperature 0 is argmax, logprob 0.0.
+    docstring); a column outside the kept set has log π = -inf.
     """
-    if temperature == 0.0:
-        return logits.argmax(dim=-1), logits.new_zeros(logits.shape[0], dtype=torch.float32)
-    assert uniforms is not None
     scores = logits.float() if temperature == 1.0 else logits.float() / temperature
     candidates = None  # the vocabulary ids of the columns of `scores`, once truncated or sorted
     if 0 < top_k < scores.shape[-1]:
@@ -113,11 +111,52 @@ def choose_tokens(
         # A token is kept while the mass of the tokens before it is still short of top_p, so the
         # kept set is the smallest one reaching top_p and always holds the most probable token.
         scores = scores.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
-    logprobs = scores.log_softmax(dim=-1)
+    return scores.log_softmax(dim=-1), candidates
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    uniforms: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row of `logits` (R, V) and return (tokens, log π(token)), both (R,).
+
+    π is `sampling_distribution`'s. `uniforms` (R,) in [0, 1) pick the token by inverse CDF: the
+    first token whose cumulative probability exceeds u times the total. Temperature 0 is argmax,
+    logprob 0.0.
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1), logits.new_zeros(logits.shape[0], dtype=torch.float32)
+    assert uniforms is not None
+    logprobs, candidates = sampling_distribution(logits, temperature, top_k, top_p)
     column = inverse_cdf(logprobs.exp(), uniforms)[:, None]
     chosen = logprobs.gather(-1, column)[:, 0]
     tokens = column[:, 0] if candidates is None else candidates.gather(-1, column)[:, 0]
     return tokens, chosen
+
+
+def top_of_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` most probable tokens of π for each row of `logits` (R, V), and their log π:
+    (ids, logprobs), both (R, k), most probable first; log π = -inf past π's support.
+
+    At temperature 0, π is the point mass at the argmax: (argmax, 0.0), then -inf.
+    """
+    rows, vocab = logits.shape
+    k = min(k, vocab)
+    if temperature == 0.0:
+        ids = logits.topk(k, dim=-1).indices  # the argmax first (ties: as `argmax`, lowest id)
+        ids[:, 0] = logits.argmax(dim=-1)
+        values = torch.full((rows, k), float("-inf"), device=logits.device)
+        values[:, 0] = 0.0
+        return ids, values
+    logprobs, candidates = sampling_distribution(logits, temperature, top_k, top_p)
+    values, columns = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    ids = columns if candidates is None else candidates.gather(-1, columns)
+    return ids, values
 
 
 CDF_BLOCK = 256  # columns per block of `inverse_cdf`
@@ -174,26 +213,39 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def _prefill(model: nn.Module, request: SampleRequest) -> _Prefill:
-    """One forward over the prompt; the lm_head runs on every position only if logprobs are due."""
-    every_position = request.prompt_logprobs or request.topk_prompt_logprobs > 0
+    """One forward over the prompt; the lm_head runs on the positions whose logprobs are due
+    (prompt position i + 1 is scored from the logits at i: all of them, or with
+    `prompt_logprobs_last_n` = N the last N), else on the last position only."""
+    positions = len(request.prompt) - 1
+    scored = 0
+    if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
+        last_n = request.prompt_logprobs_last_n
+        scored = positions if last_n is None else last_n
     device = model_device(model)
     cache = DynamicCache()
     logits = model(
         input_ids=torch.tensor([request.prompt], device=device),
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=0 if every_position else 1,
+        logits_to_keep=scored + 1,
     ).logits[0]
     result = _Prefill(cache=cache, last_logits=logits[-1].float())
-    if every_position:
+    if scored > 0:
+        skipped = [None] * (1 + positions - scored)
         logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
         if request.prompt_logprobs:
-            targets = torch.tensor(request.prompt[1:], device=device)[:, None]
-            result.prompt_logprobs = [None, *logprobs.gather(-1, targets)[:, 0].tolist()]
+            targets = torch.tensor(request.prompt[1 + positions - scored :], device=device)
+            picked = logprobs.gather(-1, targets[:, None])[:, 0]
+            result.prompt_logprobs = [*skipped, *picked.tolist()]
         if request.topk_prompt_logprobs > 0:
             values, ids = logprobs.topk(min(request.topk_prompt_logprobs, logprobs.shape[-1]))
             rows = zip(ids.tolist(), values.tolist(), strict=True)
-            result.topk = [None, *(list(zip(i, v, strict=True)) for i, v in rows)]
+            result.topk = [*skipped, *(list(zip(i, v, strict=True)) for i, v in rows)]
+    else:  # nothing asked, or a one-token prompt: no position to score
+        if request.prompt_logprobs:
+            result.prompt_logprobs = [None]
+        if request.topk_prompt_logprobs > 0:
+            result.topk = [None]
     return result
 
 
@@ -273,6 +325,15 @@ class Decoder:
         rows = len(self.request_of)
         self.tokens = torch.zeros(rows, self.steps, dtype=torch.int64, device=device)
         self.logprobs = torch.zeros(rows, self.steps, device=device)
+        # The top-K of π at each step, for the requests that ask (K = the most any asks).
+        self.top_k = max(r.topk_sample_logprobs for r in requests)
+        if self.top_k > 0:
+            self.top_ids = torch.zeros(
+                rows, self.steps, self.top_k, dtype=torch.int64, device=device
+            )
+            self.top_values = torch.full(
+                (rows, self.steps, self.top_k), float("-inf"), device=device
+            )
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         self.stopped = torch.zeros(rows, dtype=torch.bool, device=device)
         self.step = 0  # the next decode step
@@ -387,6 +448,14 @@ class Decoder:
             tokens[segment.rows], logprobs[segment.rows] = choose_tokens(
                 logits[segment.rows], s.temperature, s.top_k, s.top_p, uniforms
             )
+            if request.topk_sample_logprobs > 0:
+                k = request.topk_sample_logprobs
+                ids, values = top_of_distribution(
+                    logits[segment.rows], s.temperature, s.top_k, s.top_p, k
+                )
+                rows = batch.ids[segment.rows]
+                self.top_ids[rows, step, : ids.shape[1]] = ids
+                self.top_values[rows, step, : ids.shape[1]] = values
         live = batch.alive.nonzero()[:, 0]
         ids = batch.ids[live]
         self.tokens[ids, step] = tokens[live]
@@ -452,17 +521,26 @@ class Decoder:
         # One copy of the outputs to the CPU (none on the CPU), then plain Python lists.
         lengths, stopped = self.lengths.tolist(), self.stopped.tolist()
         all_tokens, all_logprobs = self.tokens.cpu(), self.logprobs.cpu()
+        if self.top_k > 0:
+            top_ids, top_values = self.top_ids.cpu(), self.top_values.cpu()
         responses = []
         for index, (request, prefill) in enumerate(zip(self.requests, prefills, strict=True)):
             sequences = []
             for row in range(self.first_row[index], self.first_row[index] + request.num_samples):
                 length = lengths[row]
                 reason: StopReason = "stop" if stopped[row] else "length"
+                top = None
+                if request.topk_sample_logprobs > 0:
+                    top = _top_lists(
+                        top_ids[row, :length, : request.topk_sample_logprobs],
+                        top_values[row, :length, : request.topk_sample_logprobs],
+                    )
                 sequences.append(
                     SampledSequence(
                         stop_reason=reason,
                         tokens=all_tokens[row, :length].tolist(),
                         logprobs=all_logprobs[row, :length].tolist(),
+                        topk_logprobs=top,
                     )
                 )
             responses.append(
@@ -473,3 +551,11 @@ class Decoder:
                 )
             )
         return responses
+
+
+def _top_lists(ids: torch.Tensor, values: torch.Tensor) -> list[list[tuple[int, float]]]:
+    """(length, K) top-K ids and log π -> per position the (id, log π) pairs inside π's support."""
+    return [
+        [(i, v) for i, v in zip(row_ids, row_values, strict=True) if v != float("-inf")]
+        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+    ]

@@ -22,6 +22,7 @@ from bios.engine import memory
 from bios.engine.batch import PackedBatch, pack_batch, resolve_config, resolve_objective
 from bios.engine.devices import Precision, resolve_precision
 from bios.engine.kept_graph import KEEP_SECONDS
+from bios.engine.provenance import SampledSequences
 from bios.engine.runs import Run, TrainingRun
 from bios.engine.sampling_sessions import SamplingSession
 from bios.engine.worker import ModelWorker
@@ -77,6 +78,8 @@ class Engine:
             weakref.WeakValueDictionary()
         )
         self._lock = threading.Lock()
+        # What samplers recorded (`record_stability_info`), for objectives with provenance.
+        self.sampled = SampledSequences()
 
     @property
     def device(self) -> torch.device:
@@ -205,16 +208,24 @@ class Engine:
         backward: bool = True,
         reference: str | None = None,
         keep_graph: bool = False,
+        owner: str | None = None,
     ) -> Future[ForwardBackwardOutput]:
         """`reference` (for dpo, ipo, kl, ...): None for the base model, or a checkpoint path.
 
         `keep_graph` (a forward only): keep its autograd graph for a `forward_backward` on the
         same tokens that follows, which then skips its forward pass (`kept_graph.py`).
+        `owner`: whose sampling records (`self.sampled`) provenance spans may name.
         """
         run, worker = self.run(run_id), self._run_workers[run_id]
         objective = resolve_objective(loss_fn)
         config = resolve_config(objective, loss_fn_config)
-        batch = pack_batch(data, objective, worker.vocab_size, worker.max_length)
+        batch = pack_batch(
+            data,
+            objective,
+            worker.vocab_size,
+            worker.max_length,
+            lookup=lambda sequence_id: self.sampled.lookup(owner, sequence_id),
+        )
         if backward or keep_graph:
             self._check_step_fits(run, worker, batch)
         adapter = self._reference_adapter(run, reference)

@@ -2,7 +2,8 @@
 
     hidden states   the decoder on the packed rows: position ids restart with every sequence and
                     the block-diagonal causal mask keeps sequences apart (`PackedBatch`)
-    logprobs        log p(target_t | tokens_≤t) = z_t[target_t] − logsumexp(z_t), z_t = W_out h_t,
+    logprobs        log p(target_t | tokens_≤t) = z_t[target_t] − logsumexp(z_t), z_t = W_out h_t
+                    (with K soft targets per position, the K of them: (tokens, K)),
                     computed in float32 over chunks of at most `chunk_tokens` real tokens, so a
                     step never holds more than one chunk of (tokens × vocabulary) logits: with
                     gradients on, each chunk is recomputed in the backward pass (activation
@@ -83,7 +84,10 @@ def gather_logprobs(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
 
 
 def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(logits.float(), targets, reduction="none")
+    """(T,) logprobs of one target per position, or (T, K) of K soft targets per position."""
+    if targets.dim() == 1:
+        return -F.cross_entropy(logits.float(), targets, reduction="none")
+    return logits.float().log_softmax(dim=-1).gather(-1, targets)
 
 
 def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -125,8 +129,9 @@ def target_logprobs(
     chunk_tokens: int | None = None,
     checkpoint_layers: bool = False,
 ) -> torch.Tensor:
-    """(sum of lengths,) float32 target logprobs in datum order, the unembedding and the
-    log-softmax run over chunks of real tokens (see the module docstring)."""
+    """(sum of lengths,) float32 target logprobs in datum order ((sum, K) with K soft targets),
+    the unembedding and the log-softmax run over chunks of real tokens (see the module
+    docstring)."""
     if not can_chunk(model):
         with layer_checkpointing(model, checkpoint_layers):
             return gather_logprobs(batch_logits(model, batch), batch)

@@ -156,10 +156,19 @@ class SamplingSession:
         sampling_params: SamplingParams | dict[str, Any],
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        *,
+        topk_sample_logprobs: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> Future[SampleResponse]:
         """Check and queue a request; it is decoded with all requests pending at its turn."""
         request = self.check_request(
-            prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+            prompt_logprobs_last_n=prompt_logprobs_last_n,
         )
         future: Future[SampleResponse] = Future()
         with self._lock:
@@ -267,6 +276,9 @@ class SamplingSession:
         sampling_params: SamplingParams | dict[str, Any],
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        *,
+        topk_sample_logprobs: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> SampleRequest:
         """A validated request; raises InvalidInputError naming the first bad field."""
         tokens = self._check_prompt(prompt)
@@ -282,9 +294,34 @@ class SamplingSession:
                 "topk_prompt_logprobs",
                 f"expected an integer in [0, {vocab}], got {topk_prompt_logprobs!r}",
             )
+        if not _is_int(topk_sample_logprobs) or not 0 <= topk_sample_logprobs <= vocab:
+            raise InvalidInputError(
+                "topk_sample_logprobs",
+                f"expected an integer in [0, {vocab}], got {topk_sample_logprobs!r}",
+            )
+        if prompt_logprobs_last_n is not None:
+            # As Tinker defines it: a count of prompt positions to score, which needs logprobs.
+            if not (include_prompt_logprobs or topk_prompt_logprobs > 0):
+                raise InvalidInputError(
+                    "prompt_logprobs_last_n", "needs prompt_logprobs or topk_prompt_logprobs"
+                )
+            if not _is_int(prompt_logprobs_last_n) or not (
+                1 <= prompt_logprobs_last_n <= len(tokens) - 1
+            ):
+                raise InvalidInputError(
+                    "prompt_logprobs_last_n",
+                    f"expected an integer in [1, {len(tokens) - 1}] (the prompt's length - 1), "
+                    f"got {prompt_logprobs_last_n!r}",
+                )
         settings = self._check_params(sampling_params, len(tokens))
         return SampleRequest(
-            tokens, num_samples, settings, include_prompt_logprobs, topk_prompt_logprobs
+            tokens,
+            num_samples,
+            settings,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+            prompt_logprobs_last_n=prompt_logprobs_last_n,
         )
 
     def _check_params(
@@ -338,7 +375,8 @@ class SamplingSession:
             top_k=params.top_k,
             top_p=float(params.top_p),
             seed=seed % 2**64,  # the range torch.Generator.manual_seed takes
-            stop_ids=tuple(sorted({*ids, *self.eos_ids})),
+            # `stop=[]` turns every stop off, the end-of-sequence tokens too (Tinker's rule).
+            stop_ids=tuple(sorted({*ids, *self.eos_ids})) if params.stop != [] else (),
             stop_strings=strings,
         )
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from bios.objectives.base import (
     DATUM_INDEX,
     REF_LOGPROBS,
+    SAMPLED,
+    SAMPLER_LOGPROBS,
     Inputs,
     LossOutput,
     Objective,
@@ -17,14 +19,16 @@ from bios.objectives.base import (
     sequence_sums,
 )
 from bios.objectives.combination import combine
-from bios.objectives.policy import CLIP_DEFAULTS, cispo, dro, importance_sampling, ppo
+from bios.objectives.policy import CLIP_DEFAULTS, cispo, dro, gspo, importance_sampling, ppo
 from bios.objectives.preference import dpo, dpo_hinge, ipo
 from bios.objectives.regularizers import ESTIMATORS, kl
+from bios.objectives.stable_reinforce import STABLE_REINFORCE_DEFAULTS, stable_reinforce
 from bios.objectives.supervised import cross_entropy
 
 _CLIP = tuple(CLIP_DEFAULTS)
 _POSITIVE = (lambda value: value > 0, "a positive number")
 _BETA = {"beta": _POSITIVE}
+_NON_NEGATIVE = (lambda value: value >= 0, "a number ≥ 0")
 
 
 def _preference(name: str, fn: ObjectiveFn, config: dict[str, float]) -> Objective:
@@ -46,10 +50,27 @@ def _preference(name: str, fn: ObjectiveFn, config: dict[str, float]) -> Objecti
 OBJECTIVES: dict[str, Objective] = {
     objective.name: objective
     for objective in (
-        Objective("cross_entropy", cross_entropy, required_inputs=("weights",)),
+        Objective("cross_entropy", cross_entropy, required_inputs=("weights",), soft_targets=True),
         Objective("importance_sampling", importance_sampling, ("logprobs", "advantages")),
         Objective("ppo", ppo, ("logprobs", "advantages"), _CLIP, config=CLIP_DEFAULTS),
         Objective("cispo", cispo, ("logprobs", "advantages"), _CLIP, config=CLIP_DEFAULTS),
+        Objective(
+            "gspo",
+            gspo,
+            ("logprobs", "advantages", "sequence_ratio_mask"),
+            _CLIP,
+            config=CLIP_DEFAULTS,
+        ),
+        Objective(
+            "stable_reinforce",
+            stable_reinforce,
+            required_inputs=("advantages",),
+            # The client's sampling logprobs may come too; they must agree with the record.
+            optional_inputs=("logprobs",),
+            config=STABLE_REINFORCE_DEFAULTS,
+            provenance=True,
+            config_checks={"kl_coeff": _NON_NEGATIVE, "ratio_cap": _POSITIVE},
+        ),
         Objective(
             "dro", dro, ("logprobs", "advantages"), config={"beta": None}, config_checks=_BETA
         ),
@@ -99,6 +120,8 @@ __all__ = [
     "DATUM_INDEX",
     "OBJECTIVES",
     "REF_LOGPROBS",
+    "SAMPLED",
+    "SAMPLER_LOGPROBS",
     "Inputs",
     "LossFn",
     "LossOutput",

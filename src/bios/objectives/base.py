@@ -6,6 +6,7 @@
 with gradient). `inputs` holds the other `loss_fn_inputs` flattened the same way, plus
 `datum_index` (which datum each token belongs to) for objectives over whole sequences, and
 `ref_logprobs` (log π_ref of the targets) for objectives that compare with a reference policy.
+With soft targets (K targets per position) `logprobs` and the 2-D inputs are (tokens, K).
 `config` is `loss_fn_config` with defaults filled in. The loss is a scalar, summed over tokens
 (or sequences, or pairs); metrics are floats named `name:reduction`.
 """
@@ -23,6 +24,11 @@ ObjectiveFn = Callable[[torch.Tensor, Inputs, dict[str, float]], LossOutput]
 
 DATUM_INDEX = "datum_index"
 REF_LOGPROBS = "ref_logprobs"
+# Filled in by the engine from what was recorded when the tokens were sampled (objectives with
+# `provenance`), never sent by a client: log μ(x_t), the logprob of the sampled token under the
+# distribution it was drawn from (0 elsewhere), and 1 on sampled tokens, 0 elsewhere.
+SAMPLER_LOGPROBS = "sampler_logprobs"
+SAMPLED = "sampled"
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,9 @@ class Objective:
     `config` maps each accepted `loss_fn_config` key to its default; a default of None means the
     key is required. `needs_reference`: `ref_logprobs` are computed from a reference model when
     the data do not carry them. `pairs`: the data are (chosen, rejected) pairs, data[2k] and
-    data[2k+1].
+    data[2k+1]. `soft_targets`: `target_tokens` (and `weights`) may be (N, K), K targets per
+    position, and `logprobs` is then (N, K). `provenance`: the data must carry provenance spans,
+    from which the engine fills `SAMPLER_LOGPROBS` and `SAMPLED`.
     """
 
     name: str
@@ -42,6 +50,8 @@ class Objective:
     config: Mapping[str, float | None] = field(default_factory=dict)
     needs_reference: bool = False
     pairs: bool = False
+    soft_targets: bool = False
+    provenance: bool = False
     # Per config key: (is the value acceptable?, what is expected) — checked before any work.
     config_checks: Mapping[str, tuple[Callable[[float], bool], str]] = field(default_factory=dict)
 
@@ -54,7 +64,8 @@ def sequence_sums(values: torch.Tensor, inputs: Inputs) -> torch.Tensor:
     """Σ over each datum's tokens of a flat per-token tensor -> one value per datum."""
     index = inputs[DATUM_INDEX]
     count = int(index[-1]) + 1
-    return torch.zeros(count, dtype=values.dtype).index_add(0, index, values)
+    zeros = torch.zeros(count, dtype=values.dtype, device=values.device)
+    return zeros.index_add(0, index, values)
 
 
 def token_weights(logprobs: torch.Tensor, inputs: Inputs) -> torch.Tensor:

@@ -5,10 +5,11 @@ Keys are created with `bios keys create --tenant NAME` and sent as the SDK sends
 and are stored only as SHA-256 hashes: a key is 32 random bytes, so a fast hash is enough, and a
 stolen database reveals none. With auth on (the default when the server listens beyond
 loopback) a request without a valid key gets 401; with auth off every request acts for the one
-anonymous tenant (None). Every route takes `Tenant` except `healthz` and the signed archive
-download (its link is the credential); `forward(_backward)` and `bios/diagnose` read their body
+anonymous tenant (None). Every route takes `Tenant` except `healthz`, the signed archive and
+export file downloads (the link is the credential) and `auth/apikey/me` (which describes or
+revokes the presented key itself); `forward(_backward)` and `bios/diagnose` read their body
 only after the key is checked. Every run, checkpoint, sampler and future belongs to a tenant;
-other tenants get 404 for it, as if it did not exist.
+other tenants get 404 for it, as if it did not exist (a published checkpoint they may read).
 """
 
 from __future__ import annotations

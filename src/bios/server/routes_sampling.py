@@ -6,18 +6,21 @@ model). Concurrent `asample` requests on one session are decoded together by the
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 
 from bios.checkpoints.paths import CheckpointPath
 from bios.errors import InvalidInputError
 from bios.server.auth import Tenant
+from bios.server.futures import new_request_id
 from bios.server.routes_training import check_checkpoint_owner
 from bios.server.state import ServerState, State
 from bios.server.tinker_wire import check_token_count
-from bios.server.wire import Body
-from bios.types import ModelInput, SamplingParams
+from bios.server.wire import Body, only
+from bios.types import ModelInput, SampleResponse, SamplingParams
 
 
 class CreateSamplingSessionBody(Body):
@@ -37,6 +40,18 @@ class SampleBody(Body):
     seq_id: int | None = None
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None
+    target_prompt_logprobs: Annotated[
+        dict[str, Any] | None,
+        only(None, "not implemented by Bios: ask topk_prompt_logprobs, or compute_logprobs"),
+    ] = None
+    # StableReinforce's sampling-time record (SDK 0.38 sends it on every asample, False by
+    # default); what Bios records is `stable_reinforce`'s business.
+    record_stability_info: bool | None = None
+    prompt_alt_tokens_k: Annotated[
+        int, only(0, "not implemented by Bios: draw alternatives with num_samples")
+    ] = 0
 
 
 def check_size(state: ServerState, body: SampleBody, context: int | None = None) -> None:
@@ -83,7 +98,11 @@ router = APIRouter()
 
 @router.post("/create_sampling_session")
 def create_sampling_session(body: CreateSamplingSessionBody, state: State, tenant: Tenant) -> dict:
+    if body.session_id is not None:  # an open session of the tenant's (a finished one: 410)
+        state.open_session(body.session_id, tenant)
     sampler_id = open_session(state, body.base_model, body.model_path, tenant)
+    if body.session_id is not None:
+        state.store.link_sampler(body.session_id, sampler_id)
     return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
 
@@ -102,15 +121,55 @@ def asample(body: SampleBody, state: State, tenant: Tenant) -> dict[str, Any]:
         body.sampling_params,
         include_prompt_logprobs=body.prompt_logprobs,
         topk_prompt_logprobs=body.topk_prompt_logprobs,
+        topk_sample_logprobs=body.topk_sample_logprobs,
+        prompt_logprobs_last_n=body.prompt_logprobs_last_n,
     )
+    # SDK ≥ 0.38 asserts one sequence id per requested sample on every asample future.
+    request_id = new_request_id()
+    sequence_ids = [f"{request_id}:{i}" for i in range(body.num_samples)]
+    record = None
+    if body.record_stability_info:
+
+        def record(response: SampleResponse) -> None:
+            state.engine.sampled.record_response(tenant, sequence_ids, body.prompt.length, response)
+
+    future = stamped(future, sequence_ids, record)
     if sampler_id is not None:
         state.samplers.used(sampler_id, future)
-    request_id = state.submit(future, "sample", None, tenant)
-    # SDK ≥ 0.38 asserts one sequence id per requested sample on every asample future.
-    return {
-        "request_id": request_id,
-        "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
-    }
+    state.submit(future, "sample", None, tenant, request_id=request_id)
+    return {"request_id": request_id, "sample_sequence_ids": sequence_ids}
+
+
+def stamped(
+    future: Future, sequence_ids: list[str], record: Callable[[SampleResponse], None] | None
+) -> Future:
+    """The sample's response with each sequence's `sequence_id`, recorded by `record` (when
+    given) before the response is done: a training request may name a sequence as soon as its
+    client has seen it."""
+    done: Future = Future()
+    done.set_running_or_notify_cancel()
+
+    def finish(source: Future) -> None:
+        error = source.exception()
+        if error is None:
+            try:
+                response = source.result()
+                sequences = [
+                    sequence.model_copy(update={"sequence_id": sequence_id})
+                    for sequence, sequence_id in zip(response.sequences, sequence_ids, strict=True)
+                ]
+                response = response.model_copy(update={"sequences": sequences})
+                if record is not None:
+                    record(response)
+            except Exception as failure:  # a bug here must fail the request, not hang it
+                error = failure
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(response)
+
+    future.add_done_callback(finish)
+    return done
 
 
 @router.get("/samplers/{sampler_id}")

@@ -1,16 +1,18 @@
-"""Service routes: client/config, healthz, sessions, telemetry, capabilities, retrieve_future."""
+"""Service routes: client/config, healthz, telemetry, capabilities, retrieve_future, and the
+API key's own description (`/auth/apikey/me`, what `tinker auth login` and `logout` call).
+Sessions are in `routes_sessions.py`."""
 
 from __future__ import annotations
 
-import uuid
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from bios.errors import NotFoundError
-from bios.server.auth import Tenant
+from bios.server.auth import Tenant, hash_key
 from bios.server.state import RESULT_LOST, State
-from bios.server.wire import FutureBody, HeartbeatBody, SessionBody, encode_result, error_category
+from bios.server.wire import FutureBody, encode_result, error_category
 
 router = APIRouter()
 
@@ -33,23 +35,6 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.post("/create_session")
-def create_session(body: SessionBody, state: State, tenant: Tenant) -> dict:
-    session_id = f"session-{uuid.uuid4().hex[:16]}"
-    state.store.add_session(
-        session_id, tenant, body.sdk_version, body.tags, body.user_metadata or {}
-    )
-    return {"type": "create_session", "session_id": session_id}
-
-
-@router.post("/session_heartbeat")
-def session_heartbeat(body: HeartbeatBody, state: State, tenant: Tenant) -> dict:
-    row = state.store.session(body.session_id)
-    if row is None or row["tenant"] != tenant or not state.store.heartbeat(body.session_id):
-        raise NotFoundError(f"session_id: no session {body.session_id!r}")
-    return {"type": "session_heartbeat"}
-
-
 @router.post("/telemetry")
 def telemetry(tenant: Tenant) -> dict:
     return {"status": "accepted"}  # accepted and dropped: Bios collects no telemetry
@@ -57,11 +42,70 @@ def telemetry(tenant: Tenant) -> dict:
 
 @router.get("/get_server_capabilities")
 def capabilities(state: State, tenant: Tenant) -> dict:
+    # Every served model can be trained and sampled (both run on the same loaded weights).
+    # A server started without --model serves any model it can load, and lists none.
     models = []
     for name in state.config.models:
         worker = state.engine.worker(name)
-        models.append({"model_name": name, "max_context_length": worker.max_length})
+        models.append(
+            {
+                "model_name": name,
+                "max_context_length": worker.max_length,
+                "trainable": True,
+                "sampleable": True,
+            }
+        )
     return {"supported_models": models}
+
+
+NO_KEYS = (
+    "this server runs without API keys (auth is off: every request acts for the one local "
+    "tenant, whatever key it sends); there is no key to describe or delete"
+)
+
+
+def key_answer(state, request: Request) -> dict | JSONResponse:
+    """The presented key's row, or the answer to send instead (with `detail`, which the SDK's
+    CLI shows, beside Bios's `error`)."""
+    if not state.config.auth:
+        return JSONResponse({"error": NO_KEYS, "detail": NO_KEYS, "category": "user"}, 404)
+    row = state.store.key(hash_key(request.headers.get("x-api-key", "")))
+    if row is None:
+        message = "X-API-Key: missing, unknown or revoked API key"
+        return JSONResponse({"error": message, "detail": message, "category": "user"}, 401)
+    return row
+
+
+@router.get("/auth/apikey/me")
+def api_key_me(request: Request, state: State) -> Response:
+    """The presented key, as the SDK's CLI reads it (`SelfApiKeyResponse`): its number, its
+    shown prefix as name, and who it acts for (Bios has tenants, not users and organizations:
+    the tenant is reported as the user, the organization is the server)."""
+    row = key_answer(state, request)
+    if isinstance(row, JSONResponse):
+        return row
+    created = datetime.fromtimestamp(row["created"], UTC).isoformat()
+    return JSONResponse(
+        {
+            "key_id": row["key_id"],
+            "name": row["key_prefix"],
+            "note": f"bios key of tenant {row['tenant']!r}, created {created}",
+            "details": {
+                "org_details": {"name": "bios"},
+                "user_details": {"email": row["tenant"]},
+            },
+        }
+    )
+
+
+@router.delete("/auth/apikey/me")
+def delete_api_key_me(request: Request, state: State) -> Response:
+    """Revoke the presented key (`tinker auth logout`): it cannot revoke any other."""
+    row = key_answer(state, request)
+    if isinstance(row, JSONResponse):
+        return row
+    state.store.revoke_key(hash_key(request.headers["x-api-key"]))
+    return JSONResponse({})
 
 
 @router.post("/retrieve_future")

@@ -14,6 +14,7 @@ from concurrent.futures import Future
 
 import zstandard
 from fastapi import APIRouter, Request
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
@@ -21,11 +22,12 @@ from bios.checkpoints.layout import read_state
 from bios.checkpoints.paths import CheckpointPath, checkpoint_folder
 from bios.concurrency import then
 from bios.engine.engine import check_lora_config
-from bios.errors import InvalidInputError, NotFoundError
+from bios.errors import InvalidInputError
 from bios.fsutil import remove_previous
-from bios.server import tinker_wire
+from bios.server import run_metrics, tinker_wire
 from bios.server.auth import Tenant
 from bios.server.futures import new_request_id
+from bios.server.lifetimes import check_ttl
 from bios.server.state import ServerState, State
 from bios.server.wire import (
     CreateModelBody,
@@ -35,6 +37,7 @@ from bios.server.wire import (
     OptimStepBody,
     SaveWeightsBody,
     WeightsInfoBody,
+    invalid_input,
     too_large,
 )
 from bios.types import LoraConfig
@@ -195,7 +198,57 @@ def decompressed(state: ServerState, raw: bytes, headers: Headers) -> bytes:
     return b"".join(chunks)
 
 
+def named_turn(raw: bytes, headers: Headers) -> tuple[str, int] | None:
+    """The run and `seq_id` a compute request's body names, read leniently (for a request
+    refused before it was understood), or None where it names no turn."""
+    try:
+        if headers.get("content-type", "").startswith(tinker_wire.PROTOBUF):
+            message = tinker_wire.pb.ForwardBackwardRequest()
+            message.ParseFromString(raw)
+            model_id, seq_id = message.model_id, message.seq_id or None
+        else:
+            body = json.loads(raw)
+            model_id, seq_id = body.get("model_id"), body.get("seq_id")
+    except Exception:  # unreadable: it names nothing
+        return None
+    if isinstance(model_id, str) and isinstance(seq_id, int) and not isinstance(seq_id, bool):
+        return model_id, seq_id
+    return None
+
+
+def refused_in_turn(state: ServerState, turn: tuple[str, int], tenant, error: InvalidInputError):
+    """Answer a refused compute request in its run's `seq_id` turn, as an accepted one is: the
+    turn is taken, so the run's later requests are not held up behind a gap that would stay
+    open (`Sequencer.gap_seconds`). Raises `error` (a 400) when the turn is the next one, as a
+    request refused at once is; only the run's own tenant takes its turns (`sequenced`)."""
+
+    def refuse() -> Future:
+        raise error
+
+    return sequenced(state, turn[0], turn[1], "refused", tenant, refuse)
+
+
 def parse_forward_backward(
+    state: ServerState, raw: bytes, headers: Headers, tenant
+) -> tuple[str, int | None, Callable[[], Future]]:
+    """`read_forward_backward`, or, for a body refused that names its run and turn, that run,
+    that turn and an action that raises the refusal (so it takes its turn)."""
+    raw = decompressed(state, raw, headers)
+    try:
+        return read_forward_backward(state, raw, headers, tenant)
+    except InvalidInputError as error:
+        turn = named_turn(raw, headers)
+        if turn is None:
+            raise
+        refusal = error  # `error` is unbound once the except block ends
+
+        def refuse() -> Future:
+            raise refusal
+
+        return turn[0], turn[1], refuse
+
+
+def read_forward_backward(
     state: ServerState, raw: bytes, headers: Headers, tenant
 ) -> tuple[str, int | None, Callable[[], Future]]:
     """A forward(_backward) request, protobuf (as the SDK sends it) or JSON: its run, its
@@ -204,7 +257,6 @@ def parse_forward_backward(
     A forward-only request keeps its autograd graph only when its JSON body says
     `"keep_graph": true` (and the server keeps graphs at all): the SDK never does.
     """
-    raw = decompressed(state, raw, headers)
     keep_graph = False
     max_tokens = state.config.max_tokens_per_request
     if headers.get("content-type", "").startswith(tinker_wire.PROTOBUF):
@@ -215,6 +267,8 @@ def parse_forward_backward(
     else:
         try:
             body = ForwardBackwardBody.model_validate(json.loads(raw or b"null"))
+        except ValidationError as error:
+            raise invalid_input(error) from None
         except (ValueError, TypeError) as error:
             raise InvalidInputError("body", f"not a forward_backward request ({error})") from None
         except RecursionError:
@@ -229,6 +283,11 @@ def parse_forward_backward(
             payload.loss_fn_config,
             payload.reference,
         )
+        for key, value in (config or {}).items():
+            if isinstance(value, str):
+                raise InvalidInputError(
+                    f"loss_fn_config[{key!r}]", "text values are not supported by Bios's objectives"
+                )
         forward_only = body.forward_only or body.forward_input is not None
         keep_graph = body.keep_graph
         if reference is not None and reference != "base":
@@ -245,8 +304,11 @@ def parse_forward_backward(
             backward=not forward_only,
             reference=reference,
             keep_graph=keep_graph,
+            owner=tenant,  # provenance spans may name this tenant's sampled sequences only
         )
 
+    if not forward_only:  # its metrics are kept for the console (`run_metrics`)
+        action = run_metrics.recorded(state.config.home, model_id, "forward_backward", data, action)
     return model_id, seq_id, action
 
 
@@ -283,15 +345,28 @@ def optim_step(body: OptimStepBody, state: State, tenant: Tenant) -> dict:
         body.seq_id,
         "optim_step",
         tenant,
-        lambda: state.engine.optim_step(body.model_id, body.adam_params),
+        run_metrics.recorded(
+            state.config.home,
+            body.model_id,
+            "optim_step",
+            None,
+            lambda: state.engine.optim_step(body.model_id, body.adam_params),
+        ),
     )
 
 
 def saved(
-    state: ServerState, model_id: str, tenant, kind: str, request_id: str, generation: str
+    state: ServerState,
+    model_id: str,
+    tenant,
+    kind: str,
+    request_id: str,
+    generation: str,
+    body: SaveWeightsBody | None = None,
 ) -> Callable[[str], dict]:
-    """What to do once a checkpoint is written: record it (with its size) and, in the same
-    transaction, its request as done; then drop the copy an overwrite kept; answer its path."""
+    """What to do once a checkpoint is written: record it (with its size, and the request's
+    `ttl_seconds` and `user_metadata`) and, in the same transaction, its request as done; then
+    drop the copy an overwrite kept; answer its path."""
     key = "save_weights" if kind == "weights" else "save_weights_for_sampler"
 
     def record(path: str) -> dict:
@@ -306,6 +381,8 @@ def saved(
             size,
             generation=generation,
             request=(request_id, model_id, key),
+            ttl_seconds=body.ttl_seconds if body is not None else None,
+            user_metadata=body.user_metadata if body is not None else None,
         )
         remove_previous(folder, generation)
         return {"path": tinker_uri(path), "type": key}
@@ -325,11 +402,12 @@ def save_checkpoint(state: ServerState, body: SaveWeightsBody, tenant, kind: str
     generation = request_id.removeprefix("req-")
 
     def action() -> Future:
+        check_ttl(body.ttl_seconds)  # in its turn, so that a refused save still takes it
         return then(
             state.engine.save_state(
                 body.model_id, body.path, kind, body.overwrite, keep_previous=generation
             ),
-            saved(state, body.model_id, tenant, kind, request_id, generation),
+            saved(state, body.model_id, tenant, kind, request_id, generation, body),
         )
 
     return sequenced(
@@ -352,6 +430,11 @@ def save_weights_for_sampler(body: SaveWeightsBody, state: State, tenant: Tenant
         state.samplers.check_quota(tenant, snapshot_of=body.model_id)
 
         def action() -> Future:
+            if body.ttl_seconds is not None:
+                raise InvalidInputError(
+                    "ttl_seconds", "an unnamed save keeps no checkpoint to expire; give a path"
+                )
+
             def register(session) -> dict:
                 sampler_id = state.samplers.add(session, tenant, None, body.model_id, snapshot=True)
                 return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
@@ -446,9 +529,7 @@ def derived_run_id(state: ServerState, session_id, model_seq_id, tenant) -> str 
     """
     if session_id is None or model_seq_id is None:
         return None
-    row = state.store.session(session_id)
-    if row is None or row["tenant"] != tenant:
-        raise NotFoundError(f"session_id: no session {session_id!r}")
+    state.open_session(session_id, tenant)  # not found, or finished (410)
     run_id = f"{session_id}:train:{model_seq_id}"
     check_run_id_free(state, run_id)
     return run_id
@@ -468,9 +549,8 @@ def check_run_id_free(state: ServerState, run_id: str | None) -> None:
 
 
 def check_checkpoint_owner(state: ServerState, path: str, tenant, field: str) -> CheckpointPath:
-    """The parsed path, if the checkpoint exists and belongs to `tenant` (else not found)."""
+    """The parsed path, if the checkpoint exists, has not expired, and belongs to `tenant` or
+    was published by another tenant (else not found)."""
     parsed = CheckpointPath.parse(path, field)
-    row = state.store.checkpoint(parsed.run_id, parsed.kind, parsed.name)
-    if row is None or row["tenant"] != tenant:
-        raise NotFoundError(f"{field}: no checkpoint at {path}")
+    state.readable_checkpoint(parsed, tenant, field)
     return parsed

@@ -1,5 +1,6 @@
 """What one `bios serve` process holds: the engine, the database, futures, ordering, samplers
-(`samplers.py`), quotas, and the start-up recovery of checkpoints."""
+(`samplers.py`), quotas, sessions' ends, checkpoint expiry (`lifetimes.py`), and the start-up
+recovery of checkpoints."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from bios.checkpoints.layout import is_checkpoint
-from bios.checkpoints.paths import KINDS, CheckpointPath
+from bios.checkpoints.paths import ALL_KINDS, CheckpointPath
 from bios.engine.engine import Engine
 from bios.errors import InvalidInputError, NotFoundError
 from bios.models.loading import DEFAULT_MODEL, hf_hub_cache, resolve_model_path
+from bios.server import lifetimes
 from bios.server.config import ServerConfig
 from bios.server.futures import Entry, FutureTable
 from bios.server.samplers import QuotaExceeded, SamplerTable
@@ -38,6 +40,11 @@ MODEL_NOT_LOADABLE = (
 # tenant learns nothing about the server's filesystem from it.
 
 
+class SessionFinished(Exception):
+    """A request in (or heartbeat of) a session its client has finished: answered with 410,
+    which is what the SDK's heartbeat loop takes as "this session is over"."""
+
+
 class ServerState:
     def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
         self.config = config
@@ -56,13 +63,76 @@ class ServerState:
         # Checkpoint bytes promised to saves in progress, per tenant (see reserve_checkpoint).
         self._reserved: dict[str | None, int] = {}
         self._quota_lock = threading.Lock()
+        self.sweep_expired()
+        self._stopped = threading.Event()
+        sweeper = threading.Thread(target=self._sweep_loop, name="bios-expiry", daemon=True)
+        sweeper.start()
+
+    def sweep_expired(self) -> list[str]:
+        """Delete the expired checkpoints that no live run needs (`lifetimes.py`)."""
+        return lifetimes.sweep(self.store, self.config.home)
+
+    def _sweep_loop(self) -> None:
+        while not self._stopped.wait(lifetimes.SWEEP_SECONDS):
+            try:
+                self.sweep_expired()
+            except Exception:  # a busy or closed database: the next round tries again
+                if self._stopped.is_set():
+                    return
+
+    def stop(self) -> None:
+        """Stop the expiry sweep (the process is ending)."""
+        self._stopped.set()
+
+    def open_session(self, session_id: str, tenant: str | None) -> dict:
+        """The row of a session of `tenant` that has not finished."""
+        row = self.store.session(session_id) if isinstance(session_id, str) else None
+        if row is None or row["tenant"] != tenant:
+            raise NotFoundError(f"session_id: no session {session_id!r}")
+        if row["finished"] is not None:
+            raise SessionFinished(
+                f"session_id: session {session_id!r} finished ({row['finish_reason']}); "
+                "start a new session (a new ServiceClient)"
+            )
+        return row
+
+    def finish_session(self, session_id: str, tenant: str | None, reason: str, detail) -> bool:
+        """End the session (first reason wins: False if it had ended) and free what it held:
+        its runs' weights in memory and their snapshot samplers. Its checkpoints stay."""
+        row = self.store.session(session_id) if isinstance(session_id, str) else None
+        if row is None or row["tenant"] != tenant:
+            raise NotFoundError(f"session_id: no session {session_id!r}")
+        if not self.store.finish_session(session_id, reason, detail):
+            return False
+        runs = [run["run_id"] for run in self.store.session_runs(session_id)]
+
+        def free() -> None:
+            for run_id in runs:
+                if self.engine.has_run(run_id):
+                    self.engine.drop_run(run_id)
+                self.samplers.free_run_snapshots(run_id)
+
+        # On the control thread, after any create of the session's runs still queued there.
+        self.control.submit(free)
+        return True
+
+    def readable_checkpoint(self, path: CheckpointPath, tenant: str | None, field: str) -> dict:
+        """The row of a checkpoint `tenant` may read: its own, or one another tenant published;
+        an expired one is deleted first (`lifetimes.py`) and reported missing."""
+        row = self.store.checkpoint(path.run_id, path.kind, path.name)
+        if row is not None and lifetimes.is_expired(self.store, row):
+            self.sweep_expired()
+            row = None
+        if row is None or (row["tenant"] != tenant and not row["public"]):
+            raise NotFoundError(f"{field}: no checkpoint at {path.uri('tinker://')}")
+        return row
 
     def _remove_unacknowledged_checkpoints(self) -> None:
         """After a crash: recover the recorded copy of a checkpoint an overwrite was replacing;
         then delete staging folders, and folders renamed into place whose row was never written
         (their save was never acknowledged), which would only block a retry of the save."""
         for kind_folder in (self.config.home / "runs").glob("*/*"):
-            if kind_folder.name not in KINDS:
+            if kind_folder.name not in ALL_KINDS:
                 continue
             run_id = kind_folder.parent.name
             for kept in sorted(kind_folder.glob(".*.old-*")):
@@ -194,6 +264,20 @@ class ServerState:
         """The run's row, with the run in memory: a run the server no longer holds (it restarted,
         or the run was unloaded) resumes from its latest training checkpoint."""
         row = self.run_row(model_id, tenant)
+        if row["copied_from"] is not None:
+            raise InvalidInputError(
+                "model_id",
+                f"run {model_id!r} is a copy of {row['copied_from']} (copy_weights) and cannot be "
+                "trained; load the copy into a new run (create_training_client_from_state)",
+            )
+        if row["session_id"] is not None:
+            session = self.store.session(row["session_id"])
+            if session is not None and session["finished"] is not None:
+                raise SessionFinished(
+                    f"model_id: run {model_id!r} belongs to session {row['session_id']!r}, "
+                    f"which finished ({session['finish_reason']}); load its checkpoint into a "
+                    "run of a new session"
+                )
         with self._lock:
             if not self.engine.has_run(model_id):
                 latest = self.store.latest_checkpoint(model_id, "weights")

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import ValidationError
 
 from bios.errors import InvalidInputError
 from bios.types import (
@@ -21,8 +22,10 @@ from bios.types import (
     EncodedTextChunk,
     ForwardBackwardOutput,
     ModelInput,
+    ProvenanceSpan,
     SampleResponse,
     TensorData,
+    unsupported_chunk,
 )
 
 try:  # the SDK ships the compiled schema; `pip install 'bios[serve]'` brings it
@@ -64,12 +67,24 @@ def check_token_count(tokens: int, limit: int, field: str = "data") -> None:
         )
 
 
+# Soft targets (cross_entropy's (N, K) target_tokens / weights): at most this many per position.
+MAX_SOFT_TARGETS = 64
+
+
 def _check_shape(shape: list[int], max_elements: int, field: str) -> None:
-    """A shape is checked before anything of its size is allocated."""
+    """A shape is checked before anything of its size is allocated: one value per token, or
+    (N, K) with K ≤ `MAX_SOFT_TARGETS`."""
     if any(size < 0 for size in shape):
         raise InvalidInputError(f"{field}.shape", f"{shape} has a negative size")
+    if len(shape) == 2 and shape[1] > MAX_SOFT_TARGETS:
+        raise InvalidInputError(
+            f"{field}.shape",
+            f"{shape}: {shape[1]:,} values per position is over the limit of "
+            f"{MAX_SOFT_TARGETS} (soft targets)",
+        )
+    per_position = shape[1] if len(shape) == 2 else 1
     elements = math.prod(shape)
-    if elements > max_elements:
+    if elements > max_elements * per_position:
         raise InvalidInputError(
             f"{field}.shape",
             f"{shape} holds {elements:,} values, over the limit of {max_elements:,} "
@@ -116,6 +131,30 @@ def _dense_from_csr(values, crow, cols, shape, field: str) -> np.ndarray:
     return dense
 
 
+def _spans_from_proto(messages, field: str) -> list[ProvenanceSpan] | None:
+    """Repeated `ProvenanceSpan`s -> spans; none at all is no provenance (the SDK writes both
+    lists or neither)."""
+    spans = []
+    for number, message in enumerate(messages):
+        kind = message.WhichOneof("span")
+        if kind is None:
+            raise InvalidInputError(f"{field}[{number}]", "a span with neither arm set")
+        arm = getattr(message, kind)
+        try:
+            spans.append(
+                ProvenanceSpan(
+                    type="prompt" if kind == "prompt_tokens" else "sampled",
+                    sequence_id=arm.sequence_id,
+                    offset=arm.offset,
+                    length=arm.length,
+                )
+            )
+        except ValidationError as error:
+            problem = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in error.errors())
+            raise InvalidInputError(f"{field}[{number}]", problem) from None
+    return spans or None
+
+
 def decode_forward_backward(body: bytes, max_tokens: int = 2**63) -> ForwardBackwardCall:
     """A protobuf `ForwardBackwardRequest` -> the call it asks for (errors name the field).
 
@@ -138,15 +177,27 @@ def decode_forward_backward(body: bytes, max_tokens: int = 2**63) -> ForwardBack
         chunks = []
         for number, chunk in enumerate(datum.model_input):
             field = f"data[{index}].model_input[{number}]"
-            if chunk.WhichOneof("chunk") != "encoded_text":
-                raise InvalidInputError(field, "only encoded_text chunks are supported")
+            kind = chunk.WhichOneof("chunk")
+            if kind != "encoded_text":
+                raise InvalidInputError(field, unsupported_chunk(kind))
             tokens = _frombuffer(chunk.encoded_text.tokens, np.dtype(np.int32), field)
             chunks.append(EncodedTextChunk(tokens=tokens.tolist()))
         inputs = {
             key: _tensor_from_proto(tensor, f"data[{index}].loss_fn_inputs[{key!r}]", max_tokens)
             for key, tensor in datum.loss_fn_inputs.items()
         }
-        data.append(Datum(model_input=ModelInput(chunks=chunks), loss_fn_inputs=inputs))
+        spans = {
+            name: _spans_from_proto(getattr(datum, name), f"data[{index}].{name}")
+            for name in ("model_input_spans", "loss_fn_input_spans")
+        }
+        data.append(
+            Datum(
+                model_input=ModelInput(chunks=chunks),
+                loss_fn_inputs=inputs,
+                model_input_spans=spans["model_input_spans"],
+                loss_fn_input_spans=spans["loss_fn_input_spans"],
+            )
+        )
     config = {key: float(value) for key, value in message.loss_fn_config.items()}
     for key, value in message.loss_fn_config_v2.items():
         if value.WhichOneof("value") == "text":
@@ -185,11 +236,16 @@ def encode_forward_backward_output(output: ForwardBackwardOutput) -> bytes:
     return message.SerializeToString()
 
 
+# The SDK's filler for a missing top-k entry (`tinker.types.topk_logprobs`): a row of it reads
+# back as None (prompt position 0), a shorter row as fewer pairs.
+TOPK_MISSING_ID, TOPK_MISSING_LOGPROB = 0, -99999.0
+
+
 def _topk(rows: list[list[tuple[int, float]] | None]):
-    """Top-k (token, logprob) rows -> TopkLogprobs; rows without values (position 0) are -1/NaN."""
+    """Top-k (token, logprob) rows -> TopkLogprobs, missing entries filled as the SDK reads."""
     k = max((len(row) for row in rows if row), default=0)
-    ids = np.full((len(rows), k), -1, dtype=np.int32)
-    logprobs = np.full((len(rows), k), np.nan, dtype=np.float32)
+    ids = np.full((len(rows), k), TOPK_MISSING_ID, dtype=np.int32)
+    logprobs = np.full((len(rows), k), TOPK_MISSING_LOGPROB, dtype=np.float32)
     for index, row in enumerate(rows):
         for rank, (token, logprob) in enumerate(row or []):
             ids[index, rank], logprobs[index, rank] = token, logprob
@@ -211,6 +267,8 @@ def encode_sample_response(response: SampleResponse) -> bytes:
         )
         if sequence.logprobs is not None:
             encoded.logprobs = np.asarray(sequence.logprobs, dtype=np.float32).tobytes()
+        if sequence.topk_logprobs is not None:
+            encoded.topk_sampled_logprobs.CopyFrom(_topk(sequence.topk_logprobs))
     if response.prompt_logprobs is not None:
         values = [np.nan if v is None else v for v in response.prompt_logprobs]
         message.prompt_logprobs = np.asarray(values, dtype=np.float32).tobytes()

@@ -1,27 +1,65 @@
-"""JSON request bodies as the Tinker SDK sends them (extra fields tolerated), and result encoding.
+"""JSON request bodies as the Tinker SDK sends them, and result encoding.
 
-Request models ignore fields they do not know (`type`, telemetry hints, newer SDK additions), so
-older and newer SDKs both parse. Results go back as JSON, except `ForwardBackwardOutput` and
-`SampleResponse`, which go back as protobuf when the client asks for it (SDK ≥ 0.25 accepts
-nothing else for them).
+Request bodies are strict: every field an SDK (0.25 to 0.38) sends is declared, and a field
+Bios does not know is refused with a 400 naming it, never dropped. A field Bios knows but
+cannot honour (`prompt_alt_tokens_k`, a non-AdamW optimizer, ...) is declared with `only(...)`:
+its default passes, any other value is refused, naming the field and why. Results go back as
+JSON, except `ForwardBackwardOutput` and `SampleResponse`, which go back as protobuf when the
+client asks for it (SDK ≥ 0.25 accepts nothing else for them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticCustomError
 
 from bios.errors import InvalidInputError, NotFoundError
 from bios.server import tinker_wire
 from bios.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, SampleResponse
 
+UNSUPPORTED = "unsupported"  # the pydantic error type of a value Bios cannot honour
+
+
+def only(default: Any, why: str) -> AfterValidator:
+    """A field accepted at `default` alone: any other value is refused with `why`."""
+
+    def check(value: Any) -> Any:
+        if value != default:
+            raise PydanticCustomError(UNSUPPORTED, why)
+        return value
+
+    return AfterValidator(check)
+
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    type: str | None = None  # the SDK's request tag ("create_model", "sample", ...)
+
+
+def error_field(location: tuple) -> str:
+    """A pydantic error location as a dotted field name (`data.0.loss_fn` -> `data[0].loss_fn`)."""
+    name = ""
+    for part in location:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
+
+
+def problem_of(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        return "not a field Bios implements (an unknown field is refused, not ignored)"
+    return error["msg"]
+
+
+def invalid_input(error: ValidationError, prefix: tuple = ()) -> InvalidInputError:
+    """A failed `model_validate` as Bios's error: its first problem, the field named."""
+    first = error.errors()[0]
+    return InvalidInputError(error_field((*prefix, *first["loc"])), problem_of(first))
 
 
 class BodyTooLarge(HTTPException):
@@ -42,15 +80,26 @@ class SessionBody(Body):
     tags: list[str] = []
     user_metadata: dict[str, Any] | None = None
     sdk_version: str | None = None
+    project_id: str | None = None
+    display_name: str | None = None
 
 
 class HeartbeatBody(Body):
     session_id: str
 
 
-class LoraConfigBody(LoraConfig):  # LoraConfig's fields and defaults, tolerating unknown ones
+class LoraConfigBody(LoraConfig):  # LoraConfig's fields and defaults
     # Strict: `"rank": "8"` or `"train_mlp": "false"` is refused, not coerced.
     model_config = ConfigDict(**Body.model_config, strict=True)
+
+
+class OptimizerConfigBody(Body):
+    """SDK 0.38's `optimizer_config`: Bios's optimizer is AdamW (decoupled weight decay)."""
+
+    type: Annotated[
+        str, only("adamw", "Bios implements the AdamW optimizer only (type 'adamw')")
+    ] = "adamw"
+    version: int | None = None  # DimuonOptimizerConfig's; refused with its type
 
 
 class CreateModelBody(Body):
@@ -61,6 +110,7 @@ class CreateModelBody(Body):
     base_model: str
     lora_config: LoraConfigBody | None = None
     user_metadata: dict[str, Any] | None = None
+    optimizer_config: OptimizerConfigBody | None = None
     full_finetune: bool = False  # Bios extension: train every weight instead of an adapter
     gradient_checkpointing: bool = False  # Bios extension: recompute layers in the backward
 
@@ -72,7 +122,9 @@ class ModelBody(Body):
 class ForwardBackwardInputBody(Body):
     data: list[Datum]
     loss_fn: str | list[tuple[str, float]]
-    loss_fn_config: dict[str, float] | None = None
+    # SDK 0.38 types values as `float | str`; no objective of Bios's takes a text value, so one
+    # is refused naming its key (as in the protobuf body, `tinker_wire`).
+    loss_fn_config: dict[str, float | str] | None = None
     reference: str | None = None  # Bios extension
 
 
@@ -91,6 +143,13 @@ class ForwardBackwardBody(Body):
 class OptimStepBody(Body):
     model_id: str
     seq_id: int | None = None
+    # SDK 0.38 sends AdamW's settings as `adam_params`, any other optimizer's (Dimuon's) as
+    # `optimizer_params`, which Bios refuses: it has AdamW only. (Declared first, so that it is
+    # the error reported, not the missing `adam_params`.)
+    optimizer_params: Annotated[
+        dict[str, Any] | None,
+        only(None, "Bios implements the AdamW optimizer only: send adam_params"),
+    ] = None
     adam_params: AdamParams
 
 
@@ -101,6 +160,16 @@ class SaveWeightsBody(Body):
     overwrite: bool = False
     ttl_seconds: int | None = None
     sampling_session_seq_id: int | None = None
+    user_metadata: dict[str, str] | None = None
+    # SDK 0.38's `kind="inflight"` asks for a sampler that follows the run's weights; Bios's
+    # samplers are snapshots of the weights at the save.
+    kind: Annotated[
+        Literal["snapshot", "inflight"],
+        only(
+            "snapshot",
+            "Bios serves snapshot samplers only (kind 'snapshot'): save again for newer weights",
+        ),
+    ] = "snapshot"
 
 
 class LoadWeightsBody(Body):
@@ -112,6 +181,15 @@ class LoadWeightsBody(Body):
     user_metadata: dict[str, Any] | None = None
     path: str
     optimizer: bool = False
+    optimizer_config: OptimizerConfigBody | None = None
+    weights_access_token: Annotated[
+        str | None,
+        only(
+            None,
+            "Bios has no weight access tokens: a tenant loads its own "
+            "checkpoints and published ones",
+        ),
+    ] = None
 
 
 class WeightsInfoBody(Body):

@@ -1,0 +1,86 @@
+"""What the engine's memory planner (`bios.engine.memory`) expects a training step to need, per
+model size: the figures `bios serve` and `ServiceClient` check against the device before a run
+is created or a request is queued.
+
+For each model (the published configs' shapes, built on the meta device, so nothing is
+allocated and nothing is downloaded) and each setting — LoRA rank 32 on attention, MLP and
+lm_head, or full fine-tuning; bf16 base weights; one step of 8 × 2048 tokens, plain or with
+gradient checkpointing — it prints:
+
+  weights     the base model in bf16 (2 bytes a parameter), shared by every run on it
+  run         the run's own state: float32 trainable weights, gradients and two AdamW moments
+              (16 bytes a trainable parameter), plus a full run's float32 master copy
+  step        activations kept for the backward pass, the attention mask and one logits chunk
+              (`step_bytes`), plain and checkpointed
+  total       weights + run + step, what one run's step needs at its peak
+
+These are the planner's estimates, not measurements: the tests check that the estimate bounds
+what autograd really keeps (1.1–1.2× of it on the tiny models). Run:
+
+    python benchmarks/memory_plan.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bios.engine.batch import pack_sequences
+from bios.engine.memory import GIB, Shape, run_bytes, step_bytes, trainable_parameters
+from bios.types import LoraConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_check import LLAMA_SHAPES  # the shapes live in one place
+
+SHAPES = {
+    "SmolLM2-135M": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    **LLAMA_SHAPES,
+}
+SEQUENCES, LENGTH, RANK = 8, 2048, 32
+LORA = LoraConfig(rank=RANK)
+
+
+def meta_model(shape: dict) -> torch.nn.Module:
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**shape, torch_dtype=torch.bfloat16)).to(
+            torch.bfloat16
+        )
+
+
+def main() -> None:
+    tokens = torch.zeros(LENGTH, dtype=torch.int64)
+    batch = pack_sequences([tokens] * SEQUENCES, [tokens] * SEQUENCES, {})
+    print(f"One step of {SEQUENCES} × {LENGTH} tokens, bf16 base weights (GiB):")
+    header = ("model", "setting", "weights", "run", "step", "step ckpt", "total", "total ckpt")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, shape_config in SHAPES.items():
+        model = meta_model(shape_config)
+        shape = Shape.of(model)
+        parameters = sum(p.numel() for p in model.parameters())
+        weights = 2 * parameters
+        for setting, lora in (("LoRA r32", LORA), ("full", None)):
+            trained = trainable_parameters(model, lora)
+            run = run_bytes(trained, 4 * parameters if lora is None else 0)
+            rank = lora.rank if lora is not None else None
+            plain = step_bytes(shape, batch, False, rank)
+            checkpointed = step_bytes(shape, batch, True, rank)
+            cells = [weights, run, plain, checkpointed, weights + run + plain]
+            cells.append(weights + run + checkpointed)
+            print(f"| {name} | {setting} | " + " | ".join(f"{c / GIB:.1f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
