@@ -54,9 +54,7 @@ LORA = LoraConfig(rank=RANK)
 
 def meta_model(shape: dict) -> torch.nn.Module:
     with torch.device("meta"):
-        return LlamaForCausalLM(LlamaConfig(**shape, torch_dtype=torch.bfloat16)).to(
-            torch.bfloat16
-        )
+        return LlamaForCausalLM(LlamaConfig(**shape, torch_dtype=torch.bfloat16)).to(torch.bfloat16)
 
 
 def main() -> None:

@@ -16,15 +16,28 @@
               training on docs-a; within a half, eval items never occur in train. Real text has
               an entropy floor, so the eval loss stays well above 0, like a real SFT set's.
 
+    chat      (task E, ~100 examples) short chat answers, one or two turns: what an HTTP status
+              code (`http.HTTPStatus`) or an errno code (`errno`, `os.strerror`) means, asked in
+              a few phrasings; a second turn asks about another code. 100 training and 28 eval
+              conversations (~150 characters each), no code of an eval conversation in train.
+    explain   (task F, ~1,000 examples) longer explanations: "Explain what NAME does" answered
+              with the opening paragraphs of its docstring (120-450 characters, two or more
+              sentences) from installed packages (numpy, pandas, networkx, sympy, matplotlib,
+              torch.nn, pyarrow); 1,000 training and 64 eval items, eval items never trained on.
+              No standard-library docstring, so nothing of task D's.
+
 Every example has the same short system message: SmolLM2's template otherwise adds its 13-token
 default one, and on a CPU every token of a step costs time. The same seed gives the same files.
 """
 
 from __future__ import annotations
 
+import errno
+import http
 import importlib
 import inspect
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -237,12 +250,177 @@ def docs_task(seed: int = 0, half: str = "a", train_size: int = 400, eval_size: 
     return Task(f"docs-{half}", examples[:train_size], examples[train_size:])
 
 
+def http_items() -> list[tuple[str, str, str]]:
+    """(key, question, answer) for each HTTP status with a description."""
+    phrasings = (
+        "My server answered with HTTP {c}. What does that mean?",
+        "What is HTTP status code {c}?",
+        "I got a {c} from an API. What is it?",
+    )
+    items = []
+    for index, status in enumerate(http.HTTPStatus):
+        if not status.description:
+            continue
+        answer = f"{status.value} {status.phrase}: {status.description[0].lower()}"
+        answer += status.description[1:].rstrip(".") + "."
+        question = phrasings[index % len(phrasings)].format(c=status.value)
+        items.append((f"http-{status.value}", question, answer))
+    return items
+
+
+def errno_items() -> list[tuple[str, str, str]]:
+    """(key, question, answer) for each errno code of this system."""
+    phrasings = (
+        "What does the error {n} mean?",
+        "My program failed with {n}. What is that?",
+        "What is errno {c} ({n})?",
+    )
+    items = []
+    for index, (code, name) in enumerate(sorted(errno.errorcode.items())):
+        question = phrasings[index % len(phrasings)].format(n=name, c=code)
+        items.append((f"errno-{code}", question, f"{name} is error {code}: {os.strerror(code)}."))
+    return items
+
+
+FOLLOW_UPS = ("And {k}?", "What about {k}?", "And what does {k} mean?")
+
+
+def chat_task(seed: int = 0, train_size: int = 100, eval_size: int = 28) -> Task:
+    """Task E: conversations of one or two turns about HTTP status and errno codes (each from
+    the kind with more codes left); every third conversation has a second turn about another
+    code of the same kind. Each code is used once."""
+    rng = random.Random(f"chat-{seed}")
+    pools = [http_items(), errno_items()]
+    for pool in pools:
+        rng.shuffle(pool)
+    conversations = []
+    while len(conversations) < train_size + eval_size:
+        pool = max(pools, key=len)  # the kind with more codes left
+        if len(pool) < 2:
+            raise ValueError(f"chat: too few codes for {train_size + eval_size} conversations")
+        _, question, answer = pool.pop()
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+        if len(conversations) % 3 == 2:
+            _, _, second = pool.pop()
+            follow = FOLLOW_UPS[len(conversations) % len(FOLLOW_UPS)]
+            code = second.split(" ")[0]
+            messages += [
+                {"role": "user", "content": follow.format(k=code)},
+                {"role": "assistant", "content": second},
+            ]
+        conversations.append({"messages": messages})
+    return Task("chat", conversations[:train_size], conversations[train_size:])
+
+
+# Packages for task F, and the sections that end a docstring's explanation.
+EXPLAIN_MODULES = (
+    "numpy numpy.random numpy.ma pandas networkx networkx.algorithms.approximation "
+    "networkx.algorithms.community networkx.algorithms.bipartite networkx.algorithms.flow sympy "
+    "sympy.combinatorics sympy.ntheory matplotlib.pyplot matplotlib.colors torch.nn pyarrow"
+).split()
+SECTION = re.compile(
+    r"^(Parameters|Returns|Yields|Examples?|See Also|Notes|References|Raises|Attributes|Methods"
+    r"|Warnings?|Other Parameters|Args|Arguments|Keyword Arguments|Explanation|Usage)\s*:?\s*$"
+)
+EXPLAIN_MIN_CHARS, EXPLAIN_MAX_CHARS = 120, 450
+
+
+def explanation(obj: object) -> str | None:
+    """The opening paragraphs of obj's docstring, up to its first section (Parameters, an
+    example, a rule line), joined while within EXPLAIN_MAX_CHARS; None unless that is 120-450
+    characters of two or more sentences without markup."""
+    lines = []
+    for line in (inspect.getdoc(obj) or "").splitlines():
+        text = line.strip()
+        if (
+            SECTION.match(text)
+            or text.startswith((">>>", ".."))
+            or (text and set(text) <= set("-=~"))
+        ):
+            break
+        lines.append(line)
+    paragraphs = [" ".join(p.split()) for p in "\n".join(lines).split("\n\n") if p.strip()]
+    name = getattr(obj, "__name__", "")
+    if paragraphs and re.match(rf"{re.escape(name)}\(", paragraphs[0]):
+        paragraphs = paragraphs[1:]  # a signature line
+    if not paragraphs:
+        return None
+    text = paragraphs[0]
+    for paragraph in paragraphs[1:]:
+        if len(text) + 1 + len(paragraph) > EXPLAIN_MAX_CHARS:
+            break
+        text += " " + paragraph
+    text = text.replace("`", "")
+    sentences = len(re.findall(r"[.!?](\s|$)", text))
+    if sentences < 2 or not EXPLAIN_MIN_CHARS <= len(text) <= EXPLAIN_MAX_CHARS:
+        return None
+    return None if any(c in text for c in "$\\{}|<>*[]") else text
+
+
+def explain_items() -> list[tuple[str, str]]:
+    """(qualified name, explanation) for the public functions, classes and class methods that
+    EXPLAIN_MODULES define; an explanation shared by several names is dropped from all."""
+    items: dict[str, str] = {}
+    seen: set[tuple[object, str]] = set()
+    for module_name in EXPLAIN_MODULES:
+        module = importlib.import_module(module_name)
+        root = module_name.split(".")[0]
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or not (inspect.isroutine(obj) or inspect.isclass(obj)):
+                continue
+            if not str(getattr(obj, "__module__", "")).startswith(root):
+                continue
+            candidates = [(f"{module_name}.{name}", obj)]
+            if inspect.isclass(obj):
+                candidates += [
+                    (f"{module_name}.{name}.{attr}", value)
+                    for attr, value in inspect.getmembers(obj, inspect.isroutine)
+                    if not attr.startswith("_")
+                ]
+            for qualified, value in candidates:
+                # One object reached under several names counts once. Not by id(): a bound
+                # method is a new object at each access, and ids of freed ones are reused.
+                key = (
+                    getattr(value, "__module__", None),
+                    getattr(value, "__qualname__", qualified),
+                )
+                if key in seen or qualified in items:
+                    continue
+                seen.add(key)
+                text = explanation(value)
+                if text is not None:
+                    items[qualified] = text
+    counts: dict[str, int] = {}
+    for text in items.values():
+        counts[text] = counts.get(text, 0) + 1
+    return [(name, text) for name, text in sorted(items.items()) if counts[text] == 1]
+
+
+def explain_task(seed: int = 0, train_size: int = 1000, eval_size: int = 64) -> Task:
+    """Task F: explain what NAME does → the opening of its docstring."""
+    items = explain_items()
+    rng = random.Random(f"explain-{seed}")
+    rng.shuffle(items)
+    if len(items) < train_size + eval_size:
+        raise ValueError(f"explain has {len(items)} items, fewer than {train_size + eval_size}")
+    examples = [
+        chat(f"Explain what {name} does.", text) for name, text in items[: train_size + eval_size]
+    ]
+    return Task("explain", examples[:train_size], examples[train_size:])
+
+
 TASKS = {
     "facts": facts_task,
     "reversal": reversal_task,
     "sums": sums_task,
     "docs-a": partial(docs_task, half="a"),
     "docs-b": partial(docs_task, half="b"),
+    "chat": chat_task,
+    "explain": explain_task,
 }
 # How the benchmarks name each task in their tables and reports ("task " + label).
 LABELS = {
@@ -251,6 +429,8 @@ LABELS = {
     "sums": "C (sums)",
     "docs-a": "D half a (docs, the calibration task)",
     "docs-b": "D half b (docs, held out: other modules)",
+    "chat": "E (chat: 100 short one- or two-turn answers)",
+    "explain": "F (explain: 1,000 longer explanations)",
 }
 
 
@@ -260,6 +440,8 @@ def make_task(name: str, seed: int = 0, scale: int = 1) -> Task:
         return facts_task(seed, entities=20 * scale)
     if name.startswith("docs-"):
         return TASKS[name](seed, train_size=400 * scale)
+    if name in ("chat", "explain"):
+        return TASKS[name](seed)  # their sizes are what they test
     return TASKS[name](seed, train_size=240 * scale)
 
 

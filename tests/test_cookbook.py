@@ -96,8 +96,8 @@ def test_rl_train_main_async_with_its_default_loss(server, tiny_models, workdir)
     results = run_scenario(server, tiny_models["llama"], workdir, "rl_async")
     assert results["loss_fn"] == "stable_reinforce"  # AsyncConfig's default, left alone
     reward = results["reward"]
-    assert len(reward) == 8
-    assert sum(reward[-2:]) / 2 > sum(reward[:2]) / 2 + 0.2, reward
+    assert len(reward) == 16  # on one-step-stale samples, at half sync's LR: slower, steadier
+    assert sum(reward[-3:]) / 3 > sum(reward[:3]) / 3 + 0.25, reward
     # The first batch is sampled from the weights it trains: no staleness yet.
     assert abs(results["kl_sample_train"][0]) < 1e-4
     assert [c["name"] for c in results["checkpoints"]][-1] == "final"

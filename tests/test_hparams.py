@@ -20,6 +20,7 @@ from bios.hparams import (
     lr_multiplier,
     recommend,
     recommend_batch_size,
+    recommend_epochs,
     recommend_steps,
     scale_lr_for_batch,
     stats_from_data,
@@ -177,13 +178,17 @@ def test_lora_count_of_an_unknown_architecture_raises() -> None:
 # --- recommend ----------------------------------------------------------------------------------
 
 
+# Steps are E passes of s = N / B steps, E = 3 (OpenAI's default) or ⌊100 / N⌋ (at most 25) when
+# 3 passes show fewer than 100 examples, toward 1000 steps within them: ⌈min(max(1000, s), E·s)⌉.
 @pytest.mark.parametrize(
     ("examples", "batch", "steps"),
     [
-        (1, 1, 100),  # smaller than MIN_BATCH: the whole dataset is the batch
-        (5, 5, 100),
-        (8, 8, 100),
-        (100, 8, 100),  # 3 passes at 8 are 38 steps: still 100 steps (8 passes)
+        (1, 1, 25),  # one example: ⌊100 / 1⌋ = 100 passes, capped at 25
+        (5, 5, 20),  # ⌊100 / 5⌋ = 20 passes of one step
+        (8, 8, 12),  # 12 passes of one step (96 examples seen)
+        (20, 8, 13),  # 5 passes of 2.5 steps = 12.5
+        (33, 8, 13),  # 3 × 33 = 99 < 100: ⌊100 / 33⌋ = 3 passes of 4.125 = 12.4
+        (100, 8, 38),  # 3 passes of 12.5: no longer the old 100-step floor (8 passes)
         (300, 8, 113),  # 3 × 300 / 8 = 112.5
         (1_000, 16, 188),  # 3 × 1000 / 100 = 30 → 16; 3 passes = 187.5
         (4_266, 64, 200),  # 3 × 4266 / 100 = 127.98 → 64; 3 passes = 199.97
@@ -197,6 +202,25 @@ def test_lora_count_of_an_unknown_architecture_raises() -> None:
 def test_recommended_batch_and_steps(examples: int, batch: int, steps: int) -> None:
     assert recommend_batch_size(examples) == batch
     assert recommend_steps(examples, batch) == steps
+
+
+def test_recommended_passes_follow_openais_default() -> None:
+    # OpenAI's rule: 3 epochs, or min(25, 100 // N) when N × 3 < 100.
+    for n in range(1, 200):
+        expected = 3 if 3 * n >= 100 else min(25, 100 // n)
+        assert recommend_epochs(n) == expected, n
+    with pytest.raises(ValueError, match="num_examples"):
+        recommend_epochs(0)
+    with pytest.raises(ValueError, match="batch_size"):
+        recommend_steps(10, 0)
+
+
+def test_steps_reasons_name_the_rule() -> None:
+    small = recommend("HuggingFaceTB/SmolLM2-135M-Instruct", DatasetStats(100, 4_000))
+    assert (small.batch_size, small.steps) == (8, 38)
+    assert "3 passes, no more" in small.reasons[1] and "smallest offered" in small.reasons[0]
+    tiny = recommend("HuggingFaceTB/SmolLM2-135M-Instruct", DatasetStats(10, 400))
+    assert tiny.steps == 13 and "10 passes" in tiny.reasons[1] and "100+" in tiny.reasons[1]
 
 
 def test_recommend_small_dataset_on_the_default_model() -> None:
@@ -235,7 +259,7 @@ def test_recommend_rank_bounds_and_fallbacks() -> None:
     with pytest.warns(UncalibratedModelWarning):
         unknown = recommend("no-such-org/mystery-7b", DatasetStats(20, 3_000))
     assert unknown.lora_rank == hparams.DEFAULT_RANK == 32
-    assert (unknown.batch_size, unknown.steps) == (8, 100)
+    assert (unknown.batch_size, unknown.steps) == (8, 13)  # 5 passes of 20 at batch 8
     assert unknown.learning_rate == pytest.approx(5e-4 * math.sqrt(8 / 128))
 
 

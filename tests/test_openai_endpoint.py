@@ -9,6 +9,7 @@ Bob can reach none of alice's weights; bad requests get 4xx in OpenAI's error sh
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 
@@ -395,3 +396,56 @@ def test_stream_pieces_hold_back_split_characters():
     assert "".join(cut) == "Paris é"
     kept = next(i for i in range(len(pieces)) if len("".join(pieces[: i + 1])) >= len("Paris é"))
     assert cut[:kept] == pieces[:kept] and not any(cut[kept + 1 :])
+
+
+def test_a_stream_sends_only_text_that_stays(tiny_models):
+    """Between turns a stream sends the tokens so far less what may still change: what it has
+    sent is always a prefix of the final text (a stop string's beginning is held back), and the
+    rest completes it exactly."""
+    from bios.server.openai_replies import Reply, StreamedChoice, TokenText, choice_of
+    from bios.types import SampledSequence
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tokens = tokenizer.encode("Paris is the capital of France. Rome", add_special_tokens=False)
+    stop = ("of France",)
+    final = choice_of(
+        0,
+        SampledSequence(stop_reason="stop", tokens=tokens, logprobs=[0.0] * len(tokens)),
+        tokenizer,
+        (),
+        stop,
+    )
+    assert final.text == "Paris is the capital "
+    reply = Reply(id="x", created=0, model="m", logprobs=False, prompt_tokens=1)
+    names, stream = TokenText(tokenizer), StreamedChoice("text_completion", stop)
+    sent = []
+    # The decode's turns, one token each, until the stop string is complete (that ends it).
+    for n in itertools.takewhile(
+        lambda n: stop[0] not in tokenizer.decode(tokens[:n]), itertools.count(1)
+    ):
+        partial = SampledSequence(stop_reason="length", tokens=tokens[:n], logprobs=[0.0] * n)
+        for chunk in stream.emit(reply, choice_of(0, partial, tokenizer, (), ()), names):
+            sent.append(chunk["choices"][0]["text"])
+            assert final.text.startswith("".join(sent))
+    assert sent and len("".join(sent)) < len(final.text)  # some went early, some waited
+    rest = stream.finish(reply, final, names)
+    assert "".join(sent) + "".join(c["choices"][0]["text"] for c in rest) == final.text
+    assert rest[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_long_stream_arrives_in_pieces(served):
+    """A stream whose decode takes several turns delivers its first tokens before the last
+    ones exist: chunks arrive in bursts, one a turn, not all at once at the end."""
+    import time
+
+    params = dict(model=served["model"], prompt="The capital of", max_tokens=400, seed=3, n=8)
+    whole = client(served).completions.create(**params)
+    arrivals, texts = [], [""] * 8
+    for chunk in client(served).completions.create(**params, stream=True):
+        if chunk.choices and chunk.choices[0].text:
+            arrivals.append(time.monotonic())
+            texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [c.text for c in whole.choices]
+    # Delivered in more than one burst: ~50 ms turns over 8 samples' decode (~2 s here).
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert max(gaps) > 0.01 and arrivals[-1] - arrivals[0] > 0.05, gaps[:10]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -626,10 +627,16 @@ def test_recipes_over_http_match_in_process(llama, service, tmp_path, tmp_path_f
                 metrics(sft.run(dataclasses.replace(sft_config, runs_dir=runs), client)),
                 metrics(rl.run(dataclasses.replace(rl_config, runs_dir=runs), client)),
             ]
-            assert [c["step"] for c in RunFolder(next(Path(runs).glob("sft-*"))).checkpoints()] == [
-                2,
-                3,
-            ]
+            # Saved: every 2 steps, at the end, and at each eval lower than all before it.
+            folder = RunFolder(next(Path(runs).glob("sft-*")))
+            evals = [(r["step"], r["eval_loss"]) for r in folder.metrics() if "eval_loss" in r]
+            improved = {
+                s
+                for s, v in evals
+                if s > 0 and v < min((u for t, u in evals if 0 < t < s), default=math.inf)
+            }
+            saved = [c["step"] for c in folder.checkpoints()]
+            assert saved == sorted({2, 3} | improved)
     finally:
         server.stop()
     for local, http in zip(results["local"], results["http"], strict=True):
@@ -644,3 +651,179 @@ def test_default_run_names_never_collide(tmp_path):
     assert second.path != first.path and second.path.name.startswith(first.path.name)
     with pytest.raises(FileExistsError, match="holds a run already"):
         RunFolder.prepare(str(tmp_path), first.path.name, "sft", resume=False)
+
+
+# ---- the result: the checkpoint with the lowest eval loss ------------------------------------
+
+# The same prompts with other answers: training toward QA's answers makes these less likely, so
+# after a first improvement (the chat format is learned) the eval loss climbs.
+CONTRADICTIONS = [
+    [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    for q, a in [
+        ("capital of France?", "Rome"),
+        ("capital of Italy?", "Paris"),
+        ("two plus two?", "five"),
+        ("hello there", "goodbye"),
+    ]
+]
+
+
+def test_sft_result_is_the_lowest_eval_checkpoint_and_early_stop_ends_the_run(
+    llama, service, session_engine, tmp_path
+):
+    from bios.checkpoints.paths import checkpoint_folder
+    from bios.cli import main
+    from bios.recipes.run_folder import checkpoint_path
+
+    data = write_jsonl(tmp_path / "train.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", [{"messages": c} for c in CONTRADICTIONS])
+    config = sft.SFTConfig(
+        model=llama,
+        data=data,
+        eval_data=eval_data,
+        steps=30,
+        batch_size=4,
+        learning_rate=1e-2,
+        rank=8,
+        eval_every=2,
+        early_stop=2,
+        save_every=0,
+        name="stops",
+        runs_dir=str(tmp_path / "runs"),
+        progress=False,
+    )
+    folder = sft.run(config, service)
+    records = metrics(folder)
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and r["step"] > 0]
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    # Early stop: exactly 2 evals after the best, then the run ended, well before step 30.
+    assert [s for s, _ in evals if s > best_step] == [best_step + 2, best_step + 4]
+    assert records[-1]["step"] == best_step + 4 < 30
+
+    rows = RunFolder(folder).checkpoints()
+    marked = [row for row in rows if row.get("best")]
+    assert len(marked) == 1 and marked[0]["step"] == best_step
+    assert marked[0]["eval_loss"] == best_loss and "lowest eval loss" in marked[0]["why"]
+    assert rows[-1]["step"] == best_step + 4 and rows[-1]["final"] and not rows[-1]["best"]
+    assert checkpoint_path(folder) == marked[0]["path"]
+
+    # The kept adapter, loaded with PEFT, gives the recorded best eval loss (an independent NLL).
+    kept = checkpoint_folder_of(folder, home=session_engine.home)
+    assert kept == checkpoint_folder(session_engine.home, marked[0]["path"])
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    nll = assistant_nll(hf_model(llama, kept), tokenizer, CONTRADICTIONS)
+    assert nll == pytest.approx(best_loss, rel=1e-3)
+
+    # `bios export RUN` writes that checkpoint, not the last one.
+    out = tmp_path / "exported"
+    assert (
+        main(["export", str(folder), "--adapter", str(out), "--home", str(session_engine.home)])
+        == 0
+    )
+    exported = load_file(out / "adapter_model.safetensors")
+    stored = load_file(kept / "adapter_model.safetensors")
+    assert exported.keys() and all(
+        torch.equal(exported[k], stored[k]) for k in stored if k in exported
+    )
+
+    # Resuming a run that stopped early trains no further.
+    again = sft.run(
+        sft.SFTConfig(
+            model=llama,
+            data=data,
+            name="stops",
+            runs_dir=str(tmp_path / "runs"),
+            resume=True,
+            progress=False,
+        ),
+        service,
+    )
+    assert metrics(again)[-1]["step"] == best_step + 4
+
+
+def test_sft_without_an_eval_file_holds_out_a_slice_and_records_it(llama, service, tmp_path):
+    from bios.recipes.batches import holdout_indices
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+        for w in "one two three four five six seven eight nine ten eleven twelve".split() * 5
+    ]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)  # 60 examples
+    config = sft.SFTConfig(
+        model=llama,
+        data=data,
+        learning_rate=5e-3,
+        rank=4,
+        save_every=0,
+        runs_dir=str(tmp_path / "runs"),
+        name="held",
+        progress=False,
+    )
+    folder = sft.run(config, service)
+    saved = json.loads((folder / "config.json").read_text())
+    # ⌊60 / 10⌋ = 6 held out; 54 left: batch 8, 3 passes of 6.75 steps = 20.25 → 21.
+    assert saved["holdout"] == 6 and saved["batch_size"] == 8 and saved["steps"] == 21
+    assert saved["eval_every"] == 3  # ⌈21 / 10⌉
+    held = holdout_indices(60, 6, 0)
+    assert len(set(held)) == 6 and held == sorted(held) and held != list(range(6))
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    before = assistant_nll(hf_model(llama), tokenizer, [rows[i]["messages"] for i in held])
+    assert series(metrics(folder), "eval_loss")[0] == pytest.approx(before, rel=1e-4)
+    assert RunFolder(folder).best_checkpoint() is not None
+
+    # With an eval file there is nothing to hold out: a holdout is refused, naming the field.
+    with pytest.raises(ValueError, match="holdout"):
+        sft.run(dataclasses.replace(config, eval_data=data, holdout=3, name="both"), service)
+    # Under 50 examples nothing is held out: the final checkpoint is the result, and says why.
+    few = write_jsonl(tmp_path / "few.jsonl", rows[:49])
+    small = sft.run(dataclasses.replace(config, data=few, name="few"), service)
+    assert json.loads((small / "config.json").read_text())["holdout"] == 0
+    assert series(metrics(small), "eval_loss") == []
+    result = RunFolder(small).best_checkpoint()
+    assert result["final"] and "no eval data" in result["why"]
+
+
+def test_checkpoints_file_marks_one_result_and_keeps_other_fields(tmp_path):
+    from bios.recipes.run_folder import checkpoint_path
+
+    folder = RunFolder(tmp_path / "run")
+    folder.write_config({"recipe": "sft"})
+    folder.add_checkpoint(2, "bios://r/weights/step-000002", eval_loss=1.5)
+    folder.add_checkpoint(4, "bios://r/weights/step-000004", final=True, eval_loss=1.7)
+    assert folder.best_checkpoint() is None
+    assert checkpoint_path(folder.path) == "bios://r/weights/step-000004"  # no mark: the last
+    # A field another writer added survives the rewrite.
+    lines = (folder.path / "checkpoints.jsonl").read_text().splitlines()
+    first = json.loads(lines[0]) | {"expires_at": 123}
+    (folder.path / "checkpoints.jsonl").write_text("\n".join([json.dumps(first), lines[1]]) + "\n")
+    folder.mark_best("bios://r/weights/step-000004", "first reason")
+    folder.mark_best("bios://r/weights/step-000002", "lowest eval loss")
+    rows = folder.checkpoints()
+    assert [r["best"] for r in rows] == [True, False] and "why" not in rows[1]
+    assert rows[0]["why"] == "lowest eval loss" and rows[0]["expires_at"] == 123
+    assert checkpoint_path(folder.path) == "bios://r/weights/step-000002"
+    with pytest.raises(ValueError, match="no checkpoint"):
+        folder.mark_best("bios://r/weights/step-000009", "?")
+
+
+def test_keep_best_counts_evals_since_the_best_and_restores_from_a_run():
+    from bios.recipes.keep_best import KeepBest
+
+    keeper = KeepBest(patience=2, source="eval.jsonl")
+    stream = [(0, 3.0), (2, 2.0), (4, 2.5), (6, 1.5), (8, 1.5), (10, 1.6)]
+    seen = [keeper.saw(step, loss) for step, loss in stream]
+    # Step 0 is before training (no checkpoint): never the best; a tie keeps the earlier one.
+    assert seen == [False, True, False, True, False, False]
+    assert (keeper.best_step, keeper.best_loss, keeper.since_best) == (6, 1.5, 2)
+    assert keeper.should_stop() and keeper.evals == 5
+    assert "of the 5 evals so far" in keeper.why() and "before training" not in keeper.why()
+    never = KeepBest(patience=0, source="x")
+    for step, loss in [(0, 1.0), (1, 2.0), (2, 3.0)]:
+        never.saw(step, loss)
+    assert not never.should_stop() and "no trained checkpoint got below" in never.why()
+    # A resumed run: the history up to its checkpoint and the marked best give the same state.
+    history = [{"step": s, "eval_loss": v} for s, v in stream[:5]] + [{"step": 9}]
+    restored = KeepBest.restore(2, "eval.jsonl", history, {"step": 6, "eval_loss": 1.5})
+    assert (restored.best_step, restored.best_loss, restored.since_best) == (6, 1.5, 1)
+    assert restored.saw(10, 1.6) is False and restored.should_stop()

@@ -54,3 +54,40 @@ def test_docstring_summary_takes_whole_sentences_of_the_first_paragraph() -> Non
     assert sft_tasks.docstring_summary(documented) == "Apply the operation to x, in place."
     documented.__doc__ = None
     assert sft_tasks.docstring_summary(documented) is None
+
+
+def codes(row: dict) -> list[str]:
+    """The codes an answer of task E names: its first word ("404", "ENOENT")."""
+    return [m["content"].split(" ")[0] for m in row["messages"] if m["role"] == "assistant"]
+
+
+def test_chat_task_is_100_short_conversations_of_one_or_two_turns() -> None:
+    task = sft_tasks.make_task("chat", seed=0)
+    assert (len(task.train), len(task.eval)) == (100, 28)
+    turns = [sum(m["role"] == "user" for m in row["messages"]) for row in task.train + task.eval]
+    assert set(turns) == {1, 2} and turns.count(2) == len(turns) // 3
+    # No code of an eval conversation is answered in train.
+    trained = {code for row in task.train for code in codes(row)}
+    assert not trained & {code for row in task.eval for code in codes(row)}
+    lengths = [sum(len(m["content"]) for m in row["messages"][1:]) for row in task.train]
+    assert 80 < sum(lengths) / len(lengths) < 200
+    # The answers are the standard library's own texts.
+    import http
+
+    statuses = {str(s.value): s for s in http.HTTPStatus}
+    for row in task.train:
+        answer = row["messages"][2]["content"]
+        code = answer.split(" ")[0]
+        if code in statuses:
+            assert statuses[code].phrase in answer
+
+
+def test_explain_task_is_1000_longer_explanations_from_installed_packages() -> None:
+    task = sft_tasks.make_task("explain", seed=0)
+    assert (len(task.train), len(task.eval)) == (1000, 64)
+    texts = [row["messages"][2]["content"] for row in task.train + task.eval]
+    assert all(120 <= len(t) <= 450 for t in texts)
+    assert sum(map(len, texts)) / len(texts) > 2 * 80  # longer than task E's answers
+    roots = {row["messages"][1]["content"].split()[2].split(".")[0] for row in task.train}
+    assert roots <= {"numpy", "pandas", "networkx", "sympy", "matplotlib", "torch", "pyarrow"}
+    assert len(roots) >= 5

@@ -101,7 +101,12 @@ def test_lr_sweep_rows_equal_independent_sft_runs(llama, service, files, tmp_pat
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in body[1:]]
     assert [float(c[7]) for c in cells] == pytest.approx(losses, abs=5e-6)
     assert [float(c[8]) for c in cells] == pytest.approx([x / min(losses) for x in losses], 1e-4)
-    marked = [c[9] for c in cells]
+    # The kept checkpoint of each run: its lowest eval loss and that eval's step.
+    lowest = [min((v, s) for s, v in row.eval_curve if s > 0) for row in result.rows]
+    assert [(row.result_eval_loss, row.result_step) for row in result.rows] == lowest
+    assert [r["result_eval_loss"] for r in parsed] == [v for v, _ in lowest]
+    assert [c[9] for c in cells] == [f"{v:.5f} ({s})" for v, s in lowest]
+    marked = [c[10] for c in cells]
     assert marked[losses.index(min(losses))].count("**best**") == 1
     assert "**default**" in marked[2]
     png = (result.out / "sweep.png").read_bytes()

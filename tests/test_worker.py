@@ -91,3 +91,27 @@ def test_a_long_decode_takes_turns_with_a_forward_on_another_lane(session_engine
     assert events.count("turn") > 2
     assert got_big == want_big
     assert got_late == want_late
+
+
+def test_a_streamed_sample_reports_its_tokens_after_every_turn(session_engine, llama):
+    """`on_progress` gets the sequences so far after each turn: prefixes of the final ones, one
+    token longer each turn (one step a turn here), and the final tokens are a plain decode's."""
+    from bios.types import ModelInput, SamplingParams
+
+    session = session_engine.create_sampling_session(base_model=llama)
+    prompt = ModelInput.from_ints([5, 6, 7])
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=4, stop=[])
+    want = session.sample(prompt, 2, params, topk_sample_logprobs=2).result(timeout=60)
+    session.turn_seconds = 0.0  # one decode step per turn, however small the request
+    seen: list[list] = []
+    got = session.sample(prompt, 2, params, topk_sample_logprobs=2, on_progress=seen.append).result(
+        timeout=60
+    )
+    assert got == want
+    assert [len(s[0].tokens) for s in seen] == list(range(1, 12))  # after steps 1..11
+    for partial in seen:
+        for sequence, final in zip(partial, got.sequences, strict=True):
+            n = len(sequence.tokens)
+            assert sequence.tokens == final.tokens[:n]
+            assert sequence.logprobs == final.logprobs[:n]
+            assert sequence.topk_logprobs == final.topk_logprobs[:n]

@@ -16,7 +16,9 @@ A metric stream is one dict per step, as recipes write to `runs/<run>/metrics.js
 and `diagnose_file` do the same for a whole recorded stream. Every threshold is a module constant
 below with the reason for its value; `docs/hparams.md` describes each check. Loss checks that use
 ratios (divergence, spikes, plateau) assume a positive loss (cross-entropy); they stay silent on
-a stream with a zero or negative loss (RL surrogate losses).
+a stream with a zero or negative loss (RL surrogate losses). They judge the loss on the scale
+loss + LOSS_FLOOR, so that near zero, where a memorised training set's loss wobbles between a
+few hundredths of a nat, a wobble is not read as a 50% rise.
 """
 
 from __future__ import annotations
@@ -38,33 +40,47 @@ EVAL_LOSS_KEYS = ("eval_loss", "test_loss", "eval/loss")
 LR_KEYS = ("learning_rate", "lr")
 REWARD_KEYS = ("reward_mean", "reward")
 
-# Divergence: the median loss of the last 10 steps is 1.5× the lowest such median so far. A median
-# of 10 ignores single spikes; noise on a healthy loss moves it by a few percent, never by 50%.
+# The scale of the loss checks: loss + 0.2 nats per token. Ratios of raw losses blow up near 0: a
+# run memorising 100 chat examples (tests/data/default-memorising.jsonl, issue 16) had a median
+# train loss of 0.052 against its lowest 0.034, 1.53× — "divergence" — while its eval loss said
+# overfitting. On this scale that is 0.252 / 0.234 = 1.08×; at a loss of 2 the floor moves a ratio
+# by under 10%, so real divergences (the LR ×30 stream: 0.8 → 5 nats) are judged as before.
+LOSS_FLOOR = 0.2
+# Divergence: the median loss of the last 10 steps is 1.5× the lowest such median so far (both
+# + LOSS_FLOOR). A median of 10 ignores single spikes; noise on a healthy loss moves it by a few
+# percent, never by 50%.
 DIVERGENCE_WINDOW = 10
 DIVERGENCE_RATIO = 1.5
+# From the 3rd step on, over the steps there are (up to 10): an LR far too high blows the loss
+# up within its first steps (the LR ×30 stream: 3.2 at step 1, 457 at step 4), and a lowest
+# median taken only from step 10 on would be a median of the blown-up loss.
+DIVERGENCE_MIN_STEPS = 3
+# The eval loss diverges too: 1.5× its lowest (+ LOSS_FLOOR) while the train loss did not fall
+# by OVERFIT_TRAIN_DROP since then (when it did, that is overfitting). It catches a run that blew
+# up before its train loss had a lowest worth the name, from the eval before training.
 # The cure: one step down a ×3-spaced LR grid. In the cookbook's SFT sweep (1e-4, 3e-4, 1e-3,
 # 3e-3) 72 of 80 divergent runs used 3e-3, one such step above the highest best LR (1e-3).
 DIVERGENCE_LR_FACTOR = 0.3
-# Spike: log(loss) more than 6 noise units above the median log(loss) of the previous 30 steps,
-# and the loss at least 25% above that median, while the step before was not (a sudden jump; a
-# climb over several steps is divergence). Logs, because loss noise is multiplicative. The
-# noise unit is median |Δ log loss| over the previous 100 steps / 0.954 (= σ for Gaussian noise):
-# differences ignore the downward trend, and 100 of them pin σ to ~12%, where a MAD of 30 points
-# is often off by half. Floored at 1% so a very smooth loss cannot make any blip a spike.
-# Gaussian noise reaches 6σ once in ~10⁹ steps.
+# Spike: log(loss + LOSS_FLOOR) more than 6 noise units above its median over the previous 30
+# steps, and loss + LOSS_FLOOR at least 25% above that median, while the step before was within
+# 25% of the median loss (a sudden jump; a climb over several steps is divergence). Logs, because
+# loss noise is multiplicative. The noise unit is median |Δ log| over the previous 100 steps /
+# 0.954 (= σ for Gaussian noise): differences ignore the downward trend, and 100 of them pin σ to
+# ~12%, where a MAD of 30 points is often off by half. Floored at 1% so a very smooth loss cannot
+# make any blip a spike. Gaussian noise reaches 6σ once in ~10⁹ steps.
 SPIKE_WINDOW = 30
 SPIKE_NOISE_WINDOW = 100
 SPIKE_MIN_HISTORY = 30
 SPIKE_Z = 6.0
 SPIKE_MIN_SCALE = 0.01
 SPIKE_MIN_REL = 0.25
-# Plateau: a line fitted to log(loss) over the last half of the run (100 to 500 steps) says the
-# loss fell by less than 5% over that span, even at the upper end of its one-sided 99% confidence
-# bound (z = 2.33). Using the bound, not the estimate, keeps a noisy but learning run from being
-# called flat (noise only widens the bound, so it delays the verdict instead of faking it); 5% over
-# half a run is slow enough to call a stall. Reported again only after the loss has since fallen
-# by 5% (median of 50 steps). Not checked once the LR has decayed below half its peak: a decayed
-# LR is meant to flatten the loss.
+# Plateau: a line fitted to log(loss + LOSS_FLOOR) over the last half of the run (100 to 500
+# steps) says it fell by less than 5% over that span, even at the upper end of its one-sided 99%
+# confidence bound (z = 2.33). Using the bound, not the estimate, keeps a noisy but learning run
+# from being called flat (noise only widens the bound, so it delays the verdict instead of faking
+# it); 5% over half a run is slow enough to call a stall. Reported again only after loss +
+# LOSS_FLOOR has since fallen by 5% (median of 50 steps). Not checked once the LR has decayed
+# below half its peak: a decayed LR is meant to flatten the loss.
 PLATEAU_MIN_STEPS = 100
 PLATEAU_MAX_WINDOW = 500
 PLATEAU_MAX_IMPROVEMENT = 0.05
@@ -258,14 +274,17 @@ class HealthMonitor:
         return [f for f in found if f is not None]
 
     def _divergence(self, step: int) -> Finding | None:
-        if len(self._losses) < DIVERGENCE_WINDOW:
+        if len(self._losses) < DIVERGENCE_MIN_STEPS:
             return None
         current = statistics.median(v for _, v in self._losses[-DIVERGENCE_WINDOW:])
         if self._best_median is None or current < self._best_median[0]:
             self._best_median = (current, step)
         best, best_step = self._best_median
-        if not self._episode("divergence", current > DIVERGENCE_RATIO * best):
+        ratio = (current + LOSS_FLOOR) / (best + LOSS_FLOOR)
+        if not self._episode("divergence", ratio > DIVERGENCE_RATIO):
             return None
+        if "eval_divergence" in self._active:
+            return None  # reported from the eval loss already
         advice = _lr_advice(self._lr, DIVERGENCE_LR_FACTOR)
         best_lr, lr = self._lrs.get(best_step), self._lr
         if best_lr is not None and lr is not None and best_lr < DIVERGENCE_LR_FACTOR * lr:
@@ -274,24 +293,32 @@ class HealthMonitor:
             "divergence",
             step,
             "error",
-            f"training is diverging: the median loss of the last {DIVERGENCE_WINDOW} steps is "
-            f"{_fmt(current)}, {current / best:.2f}× its lowest value {_fmt(best)} (step "
-            f"{best_step}). Lower the learning rate {advice} and resume from a checkpoint "
-            f"from before the rise (near step {best_step}).",
-            {"median_loss": current, "best_median_loss": best, "best_step": best_step},
+            f"training is diverging: the median loss of the last "
+            f"{min(DIVERGENCE_WINDOW, len(self._losses))} steps is "
+            f"{_fmt(current)}, up from its lowest {_fmt(best)} (step {best_step}): "
+            f"{ratio:.2f}× on the scale loss + {LOSS_FLOOR:g}. Lower the learning rate {advice} "
+            f"and resume from a checkpoint from before the rise (near step {best_step}).",
+            {
+                "median_loss": current,
+                "best_median_loss": best,
+                "best_step": best_step,
+                "ratio": ratio,
+            },
         )
 
     def _spike(self, step: int, loss: float) -> Finding | None:
         previous = self._losses[-SPIKE_NOISE_WINDOW - 1 : -1]
-        if len(previous) < SPIKE_MIN_HISTORY or "divergence" in self._active:
+        if len(previous) < SPIKE_MIN_HISTORY or self._diverging():
             return None
-        logs = [math.log(v) for _, v in previous]
+        logs = [math.log(v + LOSS_FLOOR) for _, v in previous]
         center = statistics.median(logs[-SPIKE_WINDOW:])
         noise = statistics.median(abs(b - a) for a, b in itertools.pairwise(logs)) / 0.954
-        z = (math.log(loss) - center) / max(noise, SPIKE_MIN_SCALE)
-        median = math.exp(center)
-        ceiling = (1 + SPIKE_MIN_REL) * median
-        sudden = previous[-1][1] <= ceiling  # a rise over several steps is not a spike
+        z = (math.log(loss + LOSS_FLOOR) - center) / max(noise, SPIKE_MIN_SCALE)
+        median = math.exp(center) - LOSS_FLOOR  # the median loss itself
+        ceiling = (1 + SPIKE_MIN_REL) * (median + LOSS_FLOOR) - LOSS_FLOOR
+        # A rise over several steps is not a spike: the step before must be within 25% of the
+        # median itself (stricter than `ceiling` near zero, so a climb never looks sudden).
+        sudden = previous[-1][1] <= min(ceiling, (1 + SPIKE_MIN_REL) * median)
         if z <= SPIKE_Z or loss <= ceiling or not sudden:
             return None
         if not self._cooled("loss_spike", step, SPIKE_WINDOW):
@@ -302,14 +329,14 @@ class HealthMonitor:
             "warning",
             f"loss {_fmt(loss)} at step {step} jumped far above the median "
             f"{_fmt(median)} of the previous {min(len(logs), SPIKE_WINDOW)} steps "
-            f"(+{loss / median - 1:.0%}, {z:.1f}× the step-to-step noise). "
+            f"(+{loss - median:.3g} nats, {z:.1f}× the step-to-step noise). "
             "One spike that recovers is harmless; repeated spikes mean the LR is at the edge of "
             f"stability: lower it {_lr_advice(self._lr, 0.5)} or set grad_clip_norm=1.0.",
             {"loss": loss, "median": median, "z": z},
         )
 
     def _plateau(self, step: int) -> Finding | None:
-        if len(self._losses) < PLATEAU_MIN_STEPS or "divergence" in self._active:
+        if len(self._losses) < PLATEAU_MIN_STEPS or self._diverging():
             return None
         if self._lr is not None and self._lr < PLATEAU_LR_FRACTION * self._peak_lr:
             self._active.discard("plateau")
@@ -317,7 +344,9 @@ class HealthMonitor:
         window = min(PLATEAU_MAX_WINDOW, max(PLATEAU_MIN_STEPS, len(self._losses) // 2))
         improvement, upper = _fitted_improvement(self._losses[-window:])
         level = statistics.median(v for _, v in self._losses[-PLATEAU_LEVEL_WINDOW:])
-        progressed = level < (1 - PLATEAU_MAX_IMPROVEMENT) * self._plateau_level
+        progressed = level + LOSS_FLOOR < (1 - PLATEAU_MAX_IMPROVEMENT) * (
+            self._plateau_level + LOSS_FLOOR
+        )
         if not self._episode("plateau", upper < PLATEAU_MAX_IMPROVEMENT, cleared=progressed):
             return None
         self._plateau_level = level
@@ -334,9 +363,17 @@ class HealthMonitor:
             {"improvement": improvement, "improvement_upper": upper, "first_step": first},
         )
 
+    def _diverging(self) -> bool:
+        return bool({"divergence", "eval_divergence"} & self._active)
+
     def _train_median(self, until_step: int) -> float | None:
+        """Median train loss of the TRAIN_WINDOW steps up to `until_step`; before the first
+        train loss (an eval before training), the first one: step 1's loss is measured before
+        the first update."""
         values = [v for s, v in self._losses if s <= until_step][-TRAIN_WINDOW:]
-        return statistics.median(values) if values else None
+        if not values:
+            return self._losses[0][1] if self._losses else None
+        return statistics.median(values)
 
     def _check_eval(self, step: int, eval_loss: float | None) -> list[Finding]:
         if eval_loss is None or not math.isfinite(eval_loss):
@@ -352,6 +389,16 @@ class HealthMonitor:
         train_falling = train_then is None or (
             train_now is not None and train_now < (1 - OVERFIT_TRAIN_DROP) * train_then
         )
+        ratio = (eval_loss + LOSS_FLOOR) / (best + LOSS_FLOOR)
+        if train_now is not None and self._loss_positive:
+            # Its own episode, so that it neither clears nor repeats the train loss's one.
+            diverging = self._episode(
+                "eval_divergence", ratio > DIVERGENCE_RATIO and not train_falling
+            )
+            if diverging and "divergence" not in self._active:
+                return [self._eval_divergence(step, eval_loss, best, best_step, ratio)]
+            if "eval_divergence" in self._active:
+                return []
         if not self._episode("overfitting", rising and train_falling):
             return []
         train = ""
@@ -364,12 +411,40 @@ class HealthMonitor:
                 "warning",
                 f"eval loss rose from {_fmt(best)} at step {best_step} (its best) "
                 f"to {_fmt(eval_loss)} at step {step}, over {since_best} evals{train}. The "
-                f"model is memorising the training set: stop at step {best_step} (keep the "
-                f"checkpoint nearest it), train ~{best_step} steps next time, or add data; a "
-                "lower LoRA rank or LR slows it too.",
+                f"model is memorising the training set: use the checkpoint of step {best_step} "
+                f"(`bios sft` keeps the lowest-eval one as the run's result), train "
+                f"~{best_step} steps next time, or add data; a lower LoRA rank or LR slows it "
+                "too.",
                 {"best_eval_loss": best, "best_step": best_step, "eval_loss": eval_loss},
             )
         ]
+
+    def _eval_divergence(
+        self, step: int, eval_loss: float, best: float, best_step: int, ratio: float
+    ) -> Finding:
+        train_then, train_now = self._train_median(best_step), self._train_median(step)
+        return Finding(
+            "divergence",
+            step,
+            "error",
+            f"training is diverging: the eval loss is {_fmt(eval_loss)} at step {step}, up from "
+            f"{_fmt(best)} at step {best_step} ({ratio:.2f}× on the scale loss + {LOSS_FLOOR:g}), "
+            f"and the train loss did not fall (median {_fmt(train_then or math.nan)} then, "
+            f"{_fmt(train_now or math.nan)} now). Lower the learning rate "
+            f"{_lr_advice(self._lr, DIVERGENCE_LR_FACTOR)} and "
+            + (
+                "restart from the beginning."
+                if best_step == 0
+                else f"restart from a checkpoint from before the rise (step {best_step} or "
+                "earlier)."
+            ),
+            {
+                "eval_loss": eval_loss,
+                "best_eval_loss": best,
+                "best_step": best_step,
+                "ratio": ratio,
+            },
+        )
 
     def _check_grad(self, step: int, grad_norm: float | None) -> list[Finding]:
         if grad_norm is None or not math.isfinite(grad_norm):
@@ -463,10 +538,10 @@ class HealthMonitor:
 
 
 def _fitted_improvement(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Relative fall of the loss over `points` from a least-squares line through log(loss):
-    (estimate, upper confidence bound PLATEAU_Z standard errors away)."""
+    """Relative fall of loss + LOSS_FLOOR over `points` from a least-squares line through
+    log(loss + LOSS_FLOOR): (estimate, upper confidence bound PLATEAU_Z standard errors away)."""
     x = np.array([s for s, _ in points], dtype=np.float64)
-    y = np.log(np.array([v for _, v in points], dtype=np.float64))
+    y = np.log(np.array([v for _, v in points], dtype=np.float64) + LOSS_FLOOR)
     dx = x - x.mean()
     sxx = float(dx @ dx)
     if sxx == 0:

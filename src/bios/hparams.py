@@ -6,6 +6,7 @@ two numbers about the data. The rules and where they come from are in `docs/hpar
     get_lr             LR = 5e-5 × (10 for LoRA) × (2000 / hidden_size)^P      (Tinker cookbook)
     scale_lr_for_batch LR × √(batch / 128)
     lora_param_count   rank × Σ over adapted layers of (in_features + out_features)
+    recommend_steps    ⌈min(max(1000, N/B), E · N/B)⌉, E = 3 passes (more only for < 34 examples)
     recommend          batch, steps, passes, LoRA rank and LR for a dataset, each with a reason
     lr_multiplier      constant / linear / cosine, with optional linear warmup
 """
@@ -171,9 +172,16 @@ def lora_param_count(
 
 DEFAULT_BATCH = 128  # Tinker's recommendation for SFT
 MIN_BATCH = 8  # below this, per-step gradient noise dominates
-MIN_STEPS = 100  # "aim for at least 100 steps"
-TARGET_STEPS = 1000  # "best results with 1000 or more"
-MAX_EPOCHS = 3  # passes over the data spent to reach TARGET_STEPS (or MIN_STEPS) before smaller
+MIN_STEPS = 100  # "aim for at least 100 steps": the batch is cut (down to 8) to allow them
+TARGET_STEPS = 1000  # "best results with 1000 or more": large data trains toward it
+# Passes over the data: OpenAI's fine-tuning default (its cookbook's chat data-prep notebook:
+# TARGET_EPOCHS = 3, and more passes only for a set so small that 3 passes show fewer than 100
+# examples, at most 25). More passes than 3 overfit small sets: a 100-example chat set at the
+# old 100-step floor (8 passes) ended 36% above the eval loss it passed through after 1.6 passes
+# (docs/hparams.md, "Steps from the data").
+MAX_EPOCHS = 3
+MIN_EXAMPLES_SEEN = 100
+MAX_SMALL_DATA_EPOCHS = 25
 LORA_RANKS = (8, 16, 32, 64, 128)
 DEFAULT_RANK = 32
 
@@ -241,13 +249,30 @@ def recommend_batch_size(num_examples: int) -> int:
     return 2 ** math.floor(math.log2(limit))
 
 
+def recommend_epochs(num_examples: int) -> int:
+    """Passes a small dataset gets: MAX_EPOCHS (3), or, when 3 passes show fewer than
+    MIN_EXAMPLES_SEEN (100) examples, ⌊100 / N⌋ passes, at most MAX_SMALL_DATA_EPOCHS (25).
+    (OpenAI's fine-tuning default, from its cookbook's chat data-preparation notebook.)"""
+    if num_examples < 1:
+        raise ValueError(f"num_examples: expected at least 1, got {num_examples}")
+    if MAX_EPOCHS * num_examples >= MIN_EXAMPLES_SEEN:
+        return MAX_EPOCHS
+    return min(MAX_SMALL_DATA_EPOCHS, MIN_EXAMPLES_SEEN // num_examples)
+
+
 def recommend_steps(num_examples: int, batch_size: int) -> int:
-    """With s = N / B steps per pass: steps = max(MIN_STEPS, min(max(TARGET_STEPS, s),
-    MAX_EPOCHS × s)), rounded up. One pass when it already has 1000+ steps; else up to 3 passes
-    toward 1000; never fewer than 100 (a tiny dataset then takes more than 3 passes)."""
+    """Steps from passes over the data. With s = N / B steps per pass and E = recommend_epochs(N):
+
+        steps = ⌈min(max(TARGET_STEPS, s), E · s)⌉
+
+    One pass when a pass is already 1000+ steps; else E passes, or fewer when 1000 steps come
+    first (so large data trains 1000+ steps); never more than E passes, so a small dataset is
+    not memorised (100 examples at batch 8: 3 passes, 38 steps)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
     per_pass = num_examples / batch_size
-    steps = max(MIN_STEPS, min(max(TARGET_STEPS, per_pass), MAX_EPOCHS * per_pass))
-    return math.ceil(steps - 1e-9)
+    steps = min(max(TARGET_STEPS, per_pass), recommend_epochs(num_examples) * per_pass)
+    return max(1, math.ceil(steps - 1e-9))
 
 
 def recommend_rank(model: str | os.PathLike[str] | ModelSpec, completion_tokens: int) -> int | None:
@@ -292,6 +317,11 @@ def _batch_reason(n: int, batch: int) -> str:
         return f"batch {batch}: the default; {n:,} examples allow {MIN_STEPS}+ steps at 128"
     if n < MIN_BATCH:
         return f"batch {batch}: the whole dataset ({n} examples, fewer than {MIN_BATCH})"
+    if MAX_EPOCHS * n / batch < MIN_STEPS:
+        return (
+            f"batch {batch}: the smallest offered; {n:,} examples are too few for "
+            f"{MIN_STEPS} steps in {MAX_EPOCHS} passes at any batch of {MIN_BATCH}+"
+        )
     return (
         f"batch {batch}: 128 would give {MAX_EPOCHS * n / DEFAULT_BATCH:.0f} steps in "
         f"{MAX_EPOCHS} passes over {n:,} examples; {batch} is the largest power of two "
@@ -301,14 +331,21 @@ def _batch_reason(n: int, batch: int) -> str:
 
 def _steps_reason(n: int, batch: int, steps: int, epochs: float) -> str:
     per_pass = n / batch
+    passes = recommend_epochs(n)
     if per_pass >= TARGET_STEPS:
         why = f"one pass over the data is already {TARGET_STEPS}+ steps"
-    elif MAX_EPOCHS * per_pass >= TARGET_STEPS:
-        why = f"{TARGET_STEPS} steps, reached within {MAX_EPOCHS} passes"
-    elif MAX_EPOCHS * per_pass >= MIN_STEPS:
-        why = f"{MAX_EPOCHS} passes ({TARGET_STEPS} would need more passes than that)"
+    elif passes * per_pass >= TARGET_STEPS:
+        why = f"{TARGET_STEPS} steps, reached within {passes} passes"
+    elif passes == MAX_EPOCHS:
+        why = (
+            f"{MAX_EPOCHS} passes, no more: more passes memorise a small dataset "
+            f"({TARGET_STEPS} steps would need {TARGET_STEPS / per_pass:.0f} passes)"
+        )
     else:
-        why = f"the minimum of {MIN_STEPS} steps; watch the eval loss for overfitting"
+        why = (
+            f"{passes} passes, so that {MIN_EXAMPLES_SEEN}+ examples are seen "
+            f"({MAX_EPOCHS} passes over {n} show only {MAX_EPOCHS * n})"
+        )
     return f"{steps} steps ({epochs:.2f} passes of {per_pass:.1f} steps): {why}"
 
 

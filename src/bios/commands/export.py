@@ -12,8 +12,8 @@ def add(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "export",
         help="write a checkpoint as a PEFT adapter or a merged Hugging Face model",
-        description="PATH is a bios:// checkpoint path, a run folder (its last checkpoint) or a "
-        "checkpoint folder.",
+        description="PATH is a bios:// checkpoint path, a run folder (its result: the checkpoint "
+        "marked best in checkpoints.jsonl, else its last) or a checkpoint folder.",
     )
     parser.add_argument("path", metavar="PATH", help="checkpoint path, run folder or folder")
     target = parser.add_mutually_exclusive_group(required=True)

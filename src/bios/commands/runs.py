@@ -37,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
         )
         for checkpoint in folder.checkpoints():
             final = "  (final)" if checkpoint.get("final") else ""
-            print(f"      step {checkpoint['step']:>6}  {checkpoint['path']}{final}")
+            loss = f"  eval {checkpoint['eval_loss']:.4f}" if "eval_loss" in checkpoint else ""
+            result = f"  <- result: {checkpoint.get('why')}" if checkpoint.get("best") else ""
+            print(f"      step {checkpoint['step']:>6}  {checkpoint['path']}{final}{loss}{result}")
     home = Path(args.home) if args.home else bios_home()
     saved = sorted(
         folder

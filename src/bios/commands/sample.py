@@ -9,11 +9,14 @@ import os
 def add(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "sample",
-        help="complete a prompt with a model, a checkpoint or a run's last checkpoint",
+        help="complete a prompt with a model, a checkpoint or a run's result checkpoint",
         description="Complete a prompt (rendered with the chat template unless --raw).",
     )
     parser.add_argument(
-        "model", metavar="MODEL_OR_PATH", help="a model, a bios:// checkpoint path, or a run folder"
+        "model",
+        metavar="MODEL_OR_PATH",
+        help="a model, a bios:// checkpoint path, or a run folder (its result: the lowest-eval "
+        "checkpoint marked in checkpoints.jsonl)",
     )
     parser.add_argument("prompt", help="the user's message (or raw text with --raw)")
     parser.add_argument("--max-tokens", type=int, default=128, help="most new tokens [128]")

@@ -101,6 +101,7 @@ def run(args: argparse.Namespace, recipe: str, module: str, config_class: type) 
         print(f"bios {recipe}: {error}", file=sys.stderr)
         return 2
     print(f"run folder: {folder}")
+    print("  result:  the checkpoint marked best in checkpoints.jsonl (RUN stands for it below)")
     print(f"  curves:  bios plot {folder}")
     print(f"  export:  bios export {folder} --merged DIR  (or --adapter DIR)")
     print(f'  try it:  bios sample {folder} "your prompt"')

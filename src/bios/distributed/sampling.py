@@ -50,6 +50,7 @@ def split_requests(requests: list[SampleRequest], world: int) -> list[list[Part]
                             total_samples=request.total_samples or request.num_samples,
                             prompt_logprobs=request.prompt_logprobs and start == 0,
                             topk_prompt_logprobs=request.topk_prompt_logprobs if start == 0 else 0,
+                            on_progress=None,  # rank 0's listener; ranks decode in one go
                         ),
                     )
                 )

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -83,6 +84,8 @@ class SampleRequest:
     topk_sample_logprobs: int = 0  # the K most probable tokens of π at each sampled position
     # Prompt logprobs (and top-k) only for the last N positions; earlier entries None.
     prompt_logprobs_last_n: int | None = None
+    # Called (on the worker thread, between decode turns) with the sequences so far: a stream.
+    on_progress: Callable[[list[SampledSequence]], None] | None = field(default=None, repr=False)
     # A part of a larger request (several ranks share one): these are samples
     # [first_sample, first_sample + num_samples) of `total_samples`, drawn from the whole
     # request's random stream, so the parts together equal the request decoded at once.
@@ -385,6 +388,37 @@ class Decoder:
                 if time.perf_counter() >= deadline:
                     break
         return self.step >= self.steps
+
+    def partial(self, index: int) -> list[SampledSequence]:
+        """Request `index`'s sequences so far (between turns): each row's tokens chosen until
+        now, or all of them once it has finished."""
+        request, first = self.requests[index], self.first_row[index]
+        rows = slice(first, first + request.num_samples)
+        lengths = self.lengths[rows].tolist()
+        tokens, logprobs = self.tokens[rows, : self.step].cpu(), self.logprobs[rows, : self.step]
+        logprobs = logprobs.cpu()
+        if request.topk_sample_logprobs > 0:
+            k = request.topk_sample_logprobs
+            top_ids, top_values = (
+                self.top_ids[rows, : self.step, :k],
+                self.top_values[rows, : self.step, :k],
+            )
+            top_ids, top_values = top_ids.cpu(), top_values.cpu()
+        sequences = []
+        for row, length in enumerate(lengths):
+            length = length or self.step
+            top = None
+            if request.topk_sample_logprobs > 0:
+                top = _top_lists(top_ids[row, :length], top_values[row, :length])
+            sequences.append(
+                SampledSequence(
+                    stop_reason="length",  # not final: the stream's last word is the response
+                    tokens=tokens[row, :length].tolist(),
+                    logprobs=logprobs[row, :length].tolist(),
+                    topk_logprobs=top,
+                )
+            )
+        return sequences
 
     def responses(self) -> list[SampleResponse]:
         """One response per request, once `advance` has returned True."""

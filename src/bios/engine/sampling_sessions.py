@@ -24,6 +24,7 @@ A small batch (at most `whole_below` samples × max_tokens) decodes in one turn.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import secrets
 import threading
@@ -53,7 +54,9 @@ from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError
 from bios.models.loading import load_model
 from bios.models.lora import LoRAAdapter, find_targets
-from bios.types import ModelInput, SampleResponse, SamplingParams
+from bios.types import ModelInput, SampledSequence, SampleResponse, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -159,8 +162,12 @@ class SamplingSession:
         *,
         topk_sample_logprobs: int = 0,
         prompt_logprobs_last_n: int | None = None,
+        on_progress: Callable[[list[SampledSequence]], None] | None = None,
     ) -> Future[SampleResponse]:
-        """Check and queue a request; it is decoded with all requests pending at its turn."""
+        """Check and queue a request; it is decoded with all requests pending at its turn.
+
+        `on_progress` (a stream) is called on the worker thread after every decode turn with
+        the sequences so far; the request then decodes in turns, however small it is."""
         request = self.check_request(
             prompt,
             num_samples,
@@ -170,6 +177,7 @@ class SamplingSession:
             topk_sample_logprobs=topk_sample_logprobs,
             prompt_logprobs_last_n=prompt_logprobs_last_n,
         )
+        request.on_progress = on_progress
         future: Future[SampleResponse] = Future()
         with self._lock:
             self._pending.append((request, future))
@@ -224,7 +232,8 @@ class SamplingSession:
     def _decode_turns(self, requests: list[SampleRequest]) -> Iterator[list[SampleResponse] | None]:
         """Decode `requests` in turns: None after each unfinished turn, then the responses."""
         work = sum(r.num_samples * r.settings.max_tokens for r in requests)
-        seconds = self.turn_seconds if work > self.whole_below else math.inf
+        streams = [(i, r.on_progress) for i, r in enumerate(requests) if r.on_progress]
+        seconds = self.turn_seconds if work > self.whole_below or streams else math.inf
         decoder: Decoder | None = None
         while True:
             with self.model() as model, torch.inference_mode():
@@ -233,6 +242,11 @@ class SamplingSession:
                 done = decoder.advance(model, seconds)
             if done:
                 break
+            for index, on_progress in streams:
+                try:
+                    on_progress(decoder.partial(index))
+                except Exception:  # a listener's failure is not the decode's
+                    log.exception("a sampling progress listener failed")
             yield None
         responses = decoder.responses()
         del decoder, model  # the decode's KV cache and patched weights go now, not at exit

@@ -38,6 +38,16 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> l
     ]
 
 
+def holdout_indices(num_examples: int, count: int, seed: int) -> list[int]:
+    """The `count` examples held out for eval when a run has no eval file: the first `count`
+    of a permutation from `numpy.random.default_rng([seed, 0, 1])` (a stream no epoch uses),
+    in ascending order."""
+    if not 0 <= count < num_examples:
+        raise ValueError(f"holdout: expected 0 to {num_examples - 1} examples, got {count}")
+    order = np.random.default_rng([seed, 0, 1]).permutation(num_examples)
+    return sorted(int(i) for i in order[:count])
+
+
 def epochs_done(num_examples: int, batch_size: int, steps: int) -> float:
     """Passes over the data after `steps` steps."""
     return steps * batch_size / num_examples

@@ -157,12 +157,16 @@ def due(every: int | None, step: int) -> bool:
     return bool(every) and step % every == 0  # type: ignore[operator]
 
 
-def save_checkpoint(run: Run, step: int) -> None:
-    """Save the training state (weights + optimizer) after `step` steps; record it."""
-    final = step == run.config.steps
+def save_checkpoint(
+    run: Run, step: int, *, final: bool | None = None, eval_loss: float | None = None
+) -> str:
+    """Save the training state (weights + optimizer) after `step` steps; record it (with the
+    eval loss at that step, if any); return its path. `final` defaults to step == steps."""
+    final = step == run.config.steps if final is None else final
     path = run.training.save_state(f"step-{step:06d}").result().path
-    run.folder.add_checkpoint(step, path, final)
+    run.folder.add_checkpoint(step, path, final, eval_loss)
     run.tracker.note(f"saved {path}" + (" (final)" if final else ""))
+    return path
 
 
 def checkpoint_if_due(run: Run, step: int) -> None:

@@ -10,7 +10,8 @@ to a frozen reference policy.
                  the reference's logprobs are computed in the same request (no second model)
                optim_step(AdamW, peak LR × schedule(step))
     reference  "base" (the base model), or a checkpoint — by default the one training starts
-             from (`init_from`, e.g. your SFT run), else the base model
+             from (`init_from`, e.g. your SFT run: a run folder stands for its result, the
+             checkpoint marked best in its checkpoints.jsonl), else the base model
     metrics  train_loss (per pair), reward_margin (h), accuracy (h > 0), chosen_reward,
              rejected_reward, eval_loss / eval_accuracy / eval_reward_margin on eval_data
 

@@ -2,8 +2,13 @@
 
     config.json         the resolved configuration (every setting, including the ones Bios chose)
     metrics.jsonl       one JSON object per step (`bios.diagnostics` and `bios plot` read it)
-    checkpoints.jsonl   one line per saved state: {"step", "path", "final"}; `path` is the
-                        bios:// training state (weights and optimizer) to resume or export from
+    checkpoints.jsonl   one line per saved state: {"step", "path", "final"} and, when there
+                        was an eval at that step, "eval_loss"; `path` is the bios:// training
+                        state (weights and optimizer) to resume or export from. One line has
+                        "best": true and "why": the run's result (the lowest eval loss, or the
+                        final checkpoint of a run without eval data), which `checkpoint_path`
+                        of a run folder — `bios sample RUN`, `bios export RUN`, `--init-from
+                        RUN`, DPO's default reference — resolves to
 
 The checkpoints themselves live where the engine keeps them (`$BIOS_HOME/runs/<run_id>/`, or the
 server's home); the folder records their paths.
@@ -87,9 +92,14 @@ class RunFolder:
 
     # ---- checkpoints ------------------------------------------------------------------------
 
-    def add_checkpoint(self, step: int, path: str, final: bool = False) -> None:
+    def add_checkpoint(
+        self, step: int, path: str, final: bool = False, eval_loss: float | None = None
+    ) -> None:
+        row: dict[str, Any] = {"step": step, "path": path, "final": final}
+        if eval_loss is not None:
+            row["eval_loss"] = eval_loss
         with open(self.path / CHECKPOINTS_FILE, "a", encoding="utf-8") as file:
-            file.write(json.dumps({"step": step, "path": path, "final": final}) + "\n")
+            file.write(json.dumps(row) + "\n")
 
     def checkpoints(self) -> list[dict[str, Any]]:
         file = self.path / CHECKPOINTS_FILE
@@ -101,24 +111,48 @@ class RunFolder:
         saved = self.checkpoints()
         return max(saved, key=lambda c: c["step"]) if saved else None
 
+    def mark_best(self, path: str, why: str) -> None:
+        """Make the checkpoint saved at `path` the run's result ("best": true, with `why`) and
+        every other line not. Rewrites checkpoints.jsonl atomically, keeping any other field a
+        line holds."""
+        rows = self.checkpoints()
+        if not any(row["path"] == path for row in rows):
+            raise ValueError(f"{self.path / CHECKPOINTS_FILE}: no checkpoint {path}")
+        for row in rows:
+            row.pop("why", None)
+            row["best"] = row["path"] == path
+            if row["best"]:
+                row["why"] = why
+        _write_atomic(self.path / CHECKPOINTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def best_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint marked as the run's result; None when none is marked."""
+        return next((row for row in self.checkpoints() if row.get("best")), None)
+
+    def result_checkpoint(self) -> dict[str, Any] | None:
+        """The run's result: the checkpoint marked best, else (a run from before the mark, or
+        still before its first eval) the last one."""
+        return self.best_checkpoint() or self.last_checkpoint()
+
 
 def checkpoint_path(reference: str | os.PathLike[str]) -> str:
-    """A bios:// path, given as one (or tinker://) or as a run folder (its last checkpoint)."""
+    """A bios:// path, given as one (or tinker://) or as a run folder (its result: the
+    checkpoint marked best in checkpoints.jsonl, else its last)."""
     text = os.fspath(reference)
     if text.startswith(CHECKPOINT_SCHEMES):
         return text
     folder = RunFolder(text)
     if folder.saved_config() is None:
         raise ValueError(f"{text}: neither a bios:// checkpoint path nor a run folder")
-    last = folder.last_checkpoint()
-    if last is None:
+    result = folder.result_checkpoint()
+    if result is None:
         raise ValueError(f"{text}: the run saved no checkpoint yet")
-    return last["path"]
+    return result["path"]
 
 
 def checkpoint_folder_of(reference: str | os.PathLike[str], home: Path | None = None) -> Path:
     """The local folder of a checkpoint: given as that folder, a bios:// path (under `home`,
-    default $BIOS_HOME) or a run folder (its last checkpoint)."""
+    default $BIOS_HOME) or a run folder (its result checkpoint)."""
     from bios.checkpoints.layout import is_checkpoint
     from bios.checkpoints.paths import checkpoint_folder
     from bios.models.loading import bios_home

@@ -1,8 +1,9 @@
 """The settings a user left out, chosen with `bios.hparams`, each with the reason printed.
 
 SFT uses `recommend(model, DatasetStats)` — batch (128 unless the data is too small for 100
-steps), steps, LoRA rank (as many LoRA parameters as completion tokens) and `get_lr` scaled by
-√(batch/128) — or the parts of it the user did not set (a batch the user chose rescales the LR).
+steps), steps (3 passes, toward 1000 steps), LoRA rank (as many LoRA parameters as completion
+tokens) and `get_lr` scaled by √(batch/128) — or the parts of it the user did not set (a batch
+the user chose rescales the LR). Without an eval file it holds out `default_holdout(N)` examples.
 
 RL, DPO and distillation have no calibrated rule in Bios yet. Their LR is `get_lr(model)` times
 the ratio of the Tinker cookbook's default for that recipe to its SFT LR on Llama-3.1-8B
@@ -23,6 +24,7 @@ from bios.hparams import (
     DatasetStats,
     get_lr,
     recommend,
+    recommend_epochs,
     recommend_steps,
     scale_lr_for_batch,
 )
@@ -33,6 +35,19 @@ RECIPE_LR = {"rl": 4e-5, "dpo": 1e-5, "distill": 1e-4}  # the cookbook's recipe 
 RECIPE_BATCH = {"rl": 8, "dpo": 16, "distill": 8}
 MIN_RECIPE_STEPS = 10
 EVALS_PER_RUN = 10
+# Without an eval file, SFT holds out 10% of the training data (at most 100 examples: enough to
+# rank checkpoints, and an eval stays cheap), none under 50 examples: a tenth of those is under 5
+# examples, too few to rank checkpoints by, and each is a tenth of what there is to learn from.
+HOLDOUT_DIVISOR = 10  # a tenth
+HOLDOUT_MAX = 100
+HOLDOUT_MIN_EXAMPLES = 50
+
+
+def default_holdout(num_examples: int) -> int:
+    """Examples held out for eval without an eval file: min(100, ⌊N / 10⌋), 0 when N < 50."""
+    if num_examples < HOLDOUT_MIN_EXAMPLES:
+        return 0
+    return min(HOLDOUT_MAX, num_examples // HOLDOUT_DIVISOR)
 
 
 def resolve_sft(config: Any, stats: DatasetStats) -> tuple[Any, list[str]]:
@@ -58,7 +73,7 @@ def resolve_sft(config: Any, stats: DatasetStats) -> tuple[Any, list[str]]:
         else:
             chosen["steps"] = recommend_steps(n, batch)
             notes.append(
-                f"{chosen['steps']} steps: at least 100, toward 1000 within 3 passes "
+                f"{chosen['steps']} steps: toward 1000 within {recommend_epochs(n)} passes "
                 f"over {n} examples at batch {batch}"
             )
     if config.rank is None and config.init_from is None:
@@ -112,7 +127,8 @@ def resolve_recipe(config: Any, recipe: str, num_examples: int) -> tuple[Any, li
 
 
 def _finish(config: Any, notes: list[str]) -> tuple[Any, list[str]]:
-    if config.eval_every is None and config.eval_data:
+    has_eval = bool(config.eval_data) or bool(getattr(config, "holdout", 0))
+    if config.eval_every is None and has_eval:
         every = max(1, math.ceil(config.steps / EVALS_PER_RUN))
         config = dataclasses.replace(config, eval_every=every)
         notes.append(f"eval every {every} steps: about {EVALS_PER_RUN} evaluations per run")

@@ -8,6 +8,8 @@ defaults, everything else held fixed, compared by final eval loss.
     each value  `sft.run` with that one setting given, exactly as `bios sft --<setting> VALUE`;
                 every run goes to the same ServiceClient, so the base model is loaded once and
                 the LoRA runs share it
+    compared    by final eval loss; each row also gives the run's result, the checkpoint it kept
+                (lowest eval loss; an early-stopped run's final eval is where it stopped)
     results     OUT/sweep.csv, OUT/sweep.md (a table), OUT/sweep.png (eval loss against the
                 value, and the eval curves; `sweep_report.py`); the run folders are
                 OUT/<setting>-<value>
@@ -237,6 +239,7 @@ def summarise(finished: list[tuple[Variation, Path]], default: float) -> list[Sw
         evals = tuple((r["step"], r["eval_loss"]) for r in records if "eval_loss" in r)
         if not evals:
             raise ValueError(f"{folder}: the run logged no eval loss")
+        kept = RunFolder(folder).best_checkpoint() or {}
         partial.append(
             dict(
                 value=variation.value,
@@ -250,6 +253,8 @@ def summarise(finished: list[tuple[Variation, Path]], default: float) -> list[Sw
                 default=variation.value == default,
                 run=str(folder),
                 eval_curve=evals,
+                result_eval_loss=kept.get("eval_loss", math.nan),
+                result_step=kept.get("step") if "eval_loss" in kept else None,
             )
         )
     # A diverged run (NaN or inf eval loss) is never the best.

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ CSV_COLUMNS = (
     "best",
     "default",
     "run",
+    "result_eval_loss",
+    "result_step",
 )
 
 
@@ -44,6 +47,9 @@ class SweepRow:
     default: bool  # the value `bios sft` would have chosen
     run: str  # the run folder
     eval_curve: tuple[tuple[int, float], ...]  # (step, eval loss) of every evaluation
+    # The run's result: the checkpoint `bios sft` kept (lowest eval loss), and its step.
+    result_eval_loss: float = math.nan
+    result_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ def write_csv(result: SweepResult, path: Path) -> None:
                     int(row.best),
                     int(row.default),
                     row.run,
+                    row.result_eval_loss,
+                    "" if row.result_step is None else row.result_step,
                 ]
             )
 
@@ -98,6 +106,8 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
             for key in ("batch_size", "steps"):
                 row[key] = int(raw[key])
             row["best"], row["default"] = raw["best"] == "1", raw["default"] == "1"
+            row["result_eval_loss"] = float(raw["result_eval_loss"])
+            row["result_step"] = int(raw["result_step"]) if raw["result_step"] else None
             rows.append(row)
     return rows
 
@@ -122,10 +132,17 @@ def table_rows(result: SweepResult) -> list[list[str]]:
                 f"{row.final_train_loss:.5f}",
                 f"{row.final_eval_loss:.5f}",
                 f"{row.ratio_to_best:.4f}",
+                _kept(row),
                 " ".join(f"**{m}**" for m in marks),
             ]
         )
     return rows
+
+
+def _kept(row: SweepRow) -> str:
+    if row.result_step is None or not math.isfinite(row.result_eval_loss):
+        return ""
+    return f"{row.result_eval_loss:.5f} ({row.result_step})"
 
 
 TABLE_HEAD = [
@@ -138,6 +155,7 @@ TABLE_HEAD = [
     "final train loss",
     "final eval loss",
     "ratio to best",
+    "kept eval loss (step)",
     "",
 ]
 

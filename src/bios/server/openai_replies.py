@@ -12,7 +12,6 @@ Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` (`describe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -233,7 +232,7 @@ def _chunk(reply: Reply, kind: str, choices: list[dict]) -> dict:
     return chunk
 
 
-def _usage_chunk(reply: Reply, kind: str, choices: list[Choice]) -> dict:
+def usage_chunk(reply: Reply, kind: str, choices: list[Choice]) -> dict:
     return {**_chunk(reply, kind, []), "usage": usage(reply.prompt_tokens, choices)}
 
 
@@ -247,47 +246,77 @@ def chat_role_chunk(reply: Reply, index: int) -> dict:
     )
 
 
-def chat_chunks(reply: Reply, choices: list[Choice], names: TokenText) -> Iterator[dict]:
-    """A streamed chat completion after its role chunks: one chunk per token, then each
-    choice's finish reason, then (when asked) the usage."""
-    kind = "chat.completion.chunk"
-    for c in choices:
-        for i, piece in enumerate(c.pieces):
-            logprobs = chat_logprobs(c, names, range(i, i + 1)) if reply.logprobs else None
-            yield _chunk(
-                reply,
-                kind,
-                [
-                    {
-                        "index": c.index,
-                        "delta": {"content": piece},
-                        "logprobs": logprobs,
-                        "finish_reason": None,
-                    }
-                ],
-            )
-        final = {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
-        yield _chunk(reply, kind, [final])
-    if reply.include_usage:
-        yield _usage_chunk(reply, kind, choices)
+def chat_token_chunk(reply: Reply, c: Choice, i: int, piece: str, names: TokenText) -> dict:
+    """Token `i` of a streamed chat choice, adding `piece` to its text."""
+    logprobs = chat_logprobs(c, names, range(i, i + 1)) if reply.logprobs else None
+    delta = {"index": c.index, "delta": {"content": piece}, "logprobs": logprobs}
+    return _chunk(reply, "chat.completion.chunk", [{**delta, "finish_reason": None}])
 
 
-def completion_chunks(reply: Reply, choices: list[Choice], names: TokenText) -> Iterator[dict]:
-    """A streamed completion: one chunk per token, each choice's finish reason, the usage."""
-    kind = "text_completion"
-    for c in choices:
-        offset = 0
-        for i, piece in enumerate(c.pieces):
-            logprobs = None
-            if reply.logprobs:
-                logprobs = completion_logprobs(c, names, range(i, i + 1), offset)
-            offset += len(piece)
-            choice = {"index": c.index, "text": piece, "logprobs": logprobs, "finish_reason": None}
-            yield _chunk(reply, kind, [choice])
-        final = {"index": c.index, "text": "", "logprobs": None, "finish_reason": c.finish_reason}
-        yield _chunk(reply, kind, [final])
-    if reply.include_usage:
-        yield _usage_chunk(reply, kind, choices)
+def completion_token_chunk(
+    reply: Reply, c: Choice, i: int, piece: str, names: TokenText, offset: int
+) -> dict:
+    """Token `i` of a streamed completion, adding `piece` at text offset `offset`."""
+    logprobs = None
+    if reply.logprobs:
+        logprobs = completion_logprobs(c, names, range(i, i + 1), offset)
+    choice = {"index": c.index, "text": piece, "logprobs": logprobs, "finish_reason": None}
+    return _chunk(reply, "text_completion", [choice])
+
+
+def finish_chunk(reply: Reply, kind: str, c: Choice) -> dict:
+    """A streamed choice's last chunk: its finish reason."""
+    empty = {"delta": {}} if kind == "chat.completion.chunk" else {"text": ""}
+    final = {"index": c.index, **empty, "logprobs": None, "finish_reason": c.finish_reason}
+    return _chunk(reply, kind, [final])
+
+
+class StreamedChoice:
+    """What of one choice a stream has sent, as its decode goes.
+
+    Between decode turns the tokens so far are shown as text (`emit`), except what could still
+    change: the last token (a later one may complete its character, or it is a stop token) and
+    the last (longest stop string − 1) characters, which may be the start of a stop string that
+    the final text cuts away — a stop string that is complete ends the decode, so the text sent
+    is always a prefix of the final one. `finish` sends the rest from the final choice.
+    """
+
+    def __init__(self, kind: str, stop_strings: tuple[str, ...]) -> None:
+        self.kind = kind
+        self.hold = max((len(s) for s in stop_strings), default=1) - 1
+        self.sent_tokens = 0
+        self.sent_text = ""
+
+    def emit(self, reply: Reply, c: Choice, names: TokenText) -> list[dict]:
+        """Chunks for the tokens of provisional choice `c` (uncut text) now safe to send."""
+        safe = len(c.text) - self.hold
+        chunks, end = [], len(self.sent_text)
+        for i in range(self.sent_tokens, len(c.tokens) - 1):
+            piece = c.pieces[i]
+            if end + len(piece) > safe:
+                break
+            chunks.append(self._token_chunk(reply, c, i, piece, names))
+            end += len(piece)
+        return chunks
+
+    def finish(self, reply: Reply, c: Choice, names: TokenText) -> list[dict]:
+        """The rest of final choice `c`, then its finish chunk."""
+        rest = c.text[len(self.sent_text) :] if c.text.startswith(self.sent_text) else ""
+        pieces = c.pieces[self.sent_tokens :]
+        if "".join(pieces) != rest:  # pieces cut differently than sent: the text still adds up
+            pieces = [rest] + [""] * (len(pieces) - 1) if pieces else []
+        first = self.sent_tokens
+        chunks = [
+            self._token_chunk(reply, c, first + j, piece, names) for j, piece in enumerate(pieces)
+        ]
+        return [*chunks, finish_chunk(reply, self.kind, c)]
+
+    def _token_chunk(self, reply: Reply, c: Choice, i: int, piece: str, names) -> dict:
+        offset = len(self.sent_text)
+        self.sent_tokens, self.sent_text = i + 1, self.sent_text + piece
+        if self.kind == "chat.completion.chunk":
+            return chat_token_chunk(reply, c, i, piece, names)
+        return completion_token_chunk(reply, c, i, piece, names, offset)
 
 
 def error_body(message: str, kind: str, param: str | None, code: str | None) -> dict:

@@ -16,13 +16,15 @@ Tinker API (400 for bad input; OpenAI uses 400 there too). A stream that fails a
 ends with a `data: {"error": …}` event, which the openai client raises.
 
 Streaming: `stream: true` answers server-sent events in OpenAI's chunk format, one chunk per
-token, ending with `data: [DONE]`. The sampler hands back a sequence once its decode is done, so
-a chat's role chunk goes out at once and the token chunks follow when the decode ends.
+token, ending with `data: [DONE]`. A streamed request decodes in turns (~50 ms each,
+`SamplingSession.turn_seconds`), and after each turn the tokens so far go out, less what may
+still change (`openai_replies.StreamedChoice`): the chunks join to exactly the final text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -178,6 +180,7 @@ def start(
     sampling: wire.Sampling,
     fields: dict[str, str],
     reply_kind: str,
+    on_progress: Callable[[int, list], None] | None = None,
 ) -> Generation:
     """Check a request, then queue its samples (worker thread pool: it may load weights)."""
     samples = sampling.n * prompt_count
@@ -199,8 +202,14 @@ def start(
             tokens, state.config.max_tokens_per_request, fields["sampling_params.max_tokens"]
         )
         futures = [
-            session.sample(p, sampling.n, sampling.params, topk_sample_logprobs=top)
-            for p in prompts
+            session.sample(
+                p,
+                sampling.n,
+                sampling.params,
+                topk_sample_logprobs=top,
+                on_progress=None if on_progress is None else functools.partial(on_progress, i),
+            )
+            for i, p in enumerate(prompts)
         ]
     for future in futures:
         state.samplers.used(sampler_id, future)
@@ -230,22 +239,59 @@ async def finish(generation: Generation) -> list[replies.Choice]:
     return await run_in_threadpool(choices)
 
 
+class Progress:
+    """The decode's partial sequences, handed from the worker thread to a stream's loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, list]] = asyncio.Queue()
+
+    def __call__(self, prompt: int, sequences: list) -> None:  # on the worker thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (prompt, sequences))
+
+
 def streamed(
-    generation: Generation,
-    chunks_of: Callable[[replies.Reply, list[replies.Choice], replies.TokenText], Iterator[dict]],
-    first: list[dict],
+    generation: Generation, progress: Progress, kind: str, first: list[dict]
 ) -> StreamingResponse:
-    """Server-sent events: `first` at once, the rest once the decode is done, then [DONE]."""
+    """Server-sent events: `first` at once, then each choice's tokens as the decode makes them
+    (`replies.StreamedChoice` says what is safe to send between turns), the rest and the finish
+    reasons once it is done, the usage when asked, then [DONE]."""
+    reply, tokenizer = generation.reply, generation.session.tokenizer
+    stop_strings = generation.settings.stop_strings
+    names = replies.TokenText(tokenizer)
+    streams: dict[int, replies.StreamedChoice] = {}  # choice index -> what was sent of it
+
+    def stream_of(index: int) -> replies.StreamedChoice:
+        return streams.setdefault(index, replies.StreamedChoice(kind, stop_strings))
+
+    def partial_chunks(prompt: int, sequences: list) -> list[dict]:
+        chunks = []
+        for sample, sequence in enumerate(sequences):
+            index = prompt * len(sequences) + sample  # OpenAI's order: prompt by prompt
+            provisional = replies.choice_of(index, sequence, tokenizer, (), ())  # text uncut
+            chunks += stream_of(index).emit(reply, provisional, names)
+        return chunks
+
+    def final_chunks(choices: list[replies.Choice]) -> list[dict]:
+        chunks = [chunk for c in choices for chunk in stream_of(c.index).finish(reply, c, names)]
+        if reply.include_usage:
+            chunks.append(replies.usage_chunk(reply, kind, choices))
+        return chunks
 
     async def events():
         for chunk in first:
             yield sse(chunk)
+        done = asyncio.ensure_future(finish(generation))
         try:
-            choices = await finish(generation)
-            names = replies.TokenText(generation.session.tokenizer)
-            chunks = await run_in_threadpool(
-                lambda: list(chunks_of(generation.reply, choices, names))
-            )
+            while True:
+                update = asyncio.ensure_future(progress.queue.get())
+                await asyncio.wait({done, update}, return_when=asyncio.FIRST_COMPLETED)
+                if not update.done():  # the decode is over: its last word is the response
+                    update.cancel()
+                    break
+                for chunk in await run_in_threadpool(partial_chunks, *update.result()):
+                    yield sse(chunk)
+            chunks = await run_in_threadpool(final_chunks, await done)
         except Exception as error:  # the status is sent already: the error is the last event
             status, body = replies.described(error)
             if status >= 500:
@@ -283,6 +329,7 @@ async def completions(request: Request) -> Response:
 
     state = request.app.state.bios
     fields = field_names("prompt", "max_tokens", "logprobs")
+    progress = Progress() if sampling.stream else None
     generation = await run_in_threadpool(
         start,
         state,
@@ -294,9 +341,10 @@ async def completions(request: Request) -> Response:
         sampling,
         fields,
         "cmpl",
+        progress,
     )
-    if sampling.stream:
-        return streamed(generation, replies.completion_chunks, [])
+    if progress is not None:
+        return streamed(generation, progress, "text_completion", [])
     choices = await finish(generation)
     names = replies.TokenText(generation.session.tokenizer)
     return JSONResponse(
@@ -312,6 +360,7 @@ async def chat_completions(request: Request) -> Response:
     messages = wire.chat_messages(body)
     max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     fields = field_names("messages", max_field, "top_logprobs")
+    progress = Progress() if sampling.stream else None
     generation = await run_in_threadpool(
         start,
         request.app.state.bios,
@@ -323,10 +372,11 @@ async def chat_completions(request: Request) -> Response:
         sampling,
         fields,
         "chatcmpl",
+        progress,
     )
-    if sampling.stream:
+    if progress is not None:
         first = [replies.chat_role_chunk(generation.reply, i) for i in range(sampling.n)]
-        return streamed(generation, replies.chat_chunks, first)
+        return streamed(generation, progress, "chat.completion.chunk", first)
     choices = await finish(generation)
     names = replies.TokenText(generation.session.tokenizer)
     return JSONResponse(
