@@ -12,8 +12,8 @@ sampling at temperature 1 (no top-k, no top-p) on both sides.
             num_return_sequences=n, max_new_tokens=128, min_new_tokens=128)`.
 
 Both sides produce exactly 128 tokens per sequence: the baseline through `min_new_tokens` (it
-masks EOS out), Bios by clearing its snapshot's EOS set for the benchmark (a private attribute;
-the public API always stops at EOS). The script checks every sequence's length.
+masks EOS out), Bios through `stop=[]` (Tinker's "no stop, not even EOS"). The script checks
+every sequence's length.
 
 How: one process, both models loaded, same thread count; each case is warmed up once per side,
 then timed `--repeats` times with the sides alternating (so background load hits both alike);
@@ -73,12 +73,12 @@ def build_sides(
 
     service = bios_service(dtype=dtype)
     sampler = service.create_sampling_client(base_model=DEFAULT_MODEL)
-    sampler._session.eos_ids = ()  # benchmark only: no EOS, so every sequence has 128 tokens
     tokenizer = sampler.get_tokenizer()
     prompt = render_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
 
     def run_bios(samples: int, seed: int) -> list[list[int]]:
-        params = SamplingParams(max_tokens=NEW_TOKENS, seed=seed)
+        # `stop=[]`: no stop at all, not even EOS, so every sequence has 128 tokens.
+        params = SamplingParams(max_tokens=NEW_TOKENS, seed=seed, stop=[])
         response = sampler.sample(ModelInput.from_ints(prompt), samples, params).result()
         return [sequence.tokens for sequence in response.sequences]
 
