@@ -427,24 +427,45 @@ def test_bf16_full_fine_tuning_computes_under_autocast(llama, engines):
 # ---- the pieces: LoRA in bf16, the CPU-only prepacked path -----------------------------------
 
 
-def test_lora_delta_is_float32_and_added_in_the_output_dtype(llama):
+def test_lora_delta_is_computed_in_the_layers_dtype_from_float32_factors(llama):
+    """On a bf16 layer the delta is (α/r)·B(A x) with A and B cast to bf16 (the hand formula,
+    exactly), within bf16 rounding of the float32 delta; the factors and their gradients stay
+    float32; inside autocast (full fine-tuning's references) the delta is float32."""
     model = load_model(llama, torch.bfloat16).model
     host = AdapterHost(model)
     adapter = LoRAAdapter.for_model(model, LoraConfig(rank=4, seed=0))
     assert {p.dtype for p in adapter.parameters()} == {torch.float32}
     name = "model.layers.0.self_attn.q_proj"
+    key = name.replace(".", "__")
     layer = model.get_submodule(name)
     with torch.no_grad():
-        adapter.lora_B[name.replace(".", "__")].normal_()
-        x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+        adapter.lora_B[key].normal_()
+    a, b = adapter.lora_A[key], adapter.lora_B[key]
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
         delta = adapter.delta(name, x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inside autocast too
+        by_hand = torch.nn.functional.linear(
+            torch.nn.functional.linear(x, a.to(torch.bfloat16)) * adapter.scale,
+            b.to(torch.bfloat16),
+        )
+        in_float32 = (x.float() @ a.T * adapter.scale) @ b.T
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inside autocast
             assert adapter.delta(name, x).dtype == torch.float32
         with host.use(adapter):
             got = layer(x)
         plain = torch.nn.functional.linear(x, layer.weight)
-    assert delta.dtype == torch.float32 and got.dtype == torch.bfloat16
-    assert torch.equal(got, (plain.float() + delta).to(torch.bfloat16))
+    assert delta.dtype == torch.bfloat16 and torch.equal(delta, by_hand)
+    relative = (delta.float() - in_float32).norm() / in_float32.norm()
+    assert relative < 2**-7, relative
+    assert got.dtype == torch.bfloat16 and torch.equal(got, plain + delta)
+    # The gradients reach the float32 factors as float32, close to the float32 computation's.
+    adapter.delta(name, x).float().square().sum().backward()
+    grads = [a.grad, b.grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    a.grad = b.grad = None
+    ((x.float() @ a.T * adapter.scale) @ b.T).square().sum().backward()
+    for got_grad, want in zip(grads, [a.grad, b.grad], strict=True):
+        assert (got_grad - want).norm() / want.norm() < 2**-5
     host.remove()
 
 
