@@ -390,35 +390,9 @@ class Decoder:
         return self.step >= self.steps
 
     def partial(self, index: int) -> list[SampledSequence]:
-        """Request `index`'s sequences so far (between turns): each row's tokens chosen until
-        now, or all of them once it has finished."""
-        request, first = self.requests[index], self.first_row[index]
-        rows = slice(first, first + request.num_samples)
-        lengths = self.lengths[rows].tolist()
-        tokens, logprobs = self.tokens[rows, : self.step].cpu(), self.logprobs[rows, : self.step]
-        logprobs = logprobs.cpu()
-        if request.topk_sample_logprobs > 0:
-            k = request.topk_sample_logprobs
-            top_ids, top_values = (
-                self.top_ids[rows, : self.step, :k],
-                self.top_values[rows, : self.step, :k],
-            )
-            top_ids, top_values = top_ids.cpu(), top_values.cpu()
-        sequences = []
-        for row, length in enumerate(lengths):
-            length = length or self.step
-            top = None
-            if request.topk_sample_logprobs > 0:
-                top = _top_lists(top_ids[row, :length], top_values[row, :length])
-            sequences.append(
-                SampledSequence(
-                    stop_reason="length",  # not final: the stream's last word is the response
-                    tokens=tokens[row, :length].tolist(),
-                    logprobs=logprobs[row, :length].tolist(),
-                    topk_logprobs=top,
-                )
-            )
-        return sequences
+        """Request `index`'s sequences so far (between turns): a running row's tokens chosen
+        until now (its `stop_reason` reads "length" until it ends), a finished row's all."""
+        return self._sequences(index)
 
     def responses(self) -> list[SampleResponse]:
         """One response per request, once `advance` has returned True."""
@@ -552,39 +526,41 @@ class Decoder:
         return logits.float()
 
     def _responses(self, prefills: list[_Prefill]) -> list[SampleResponse]:
-        # One copy of the outputs to the CPU (none on the CPU), then plain Python lists.
-        lengths, stopped = self.lengths.tolist(), self.stopped.tolist()
-        all_tokens, all_logprobs = self.tokens.cpu(), self.logprobs.cpu()
-        if self.top_k > 0:
-            top_ids, top_values = self.top_ids.cpu(), self.top_values.cpu()
-        responses = []
-        for index, (request, prefill) in enumerate(zip(self.requests, prefills, strict=True)):
-            sequences = []
-            for row in range(self.first_row[index], self.first_row[index] + request.num_samples):
-                length = lengths[row]
-                reason: StopReason = "stop" if stopped[row] else "length"
-                top = None
-                if request.topk_sample_logprobs > 0:
-                    top = _top_lists(
-                        top_ids[row, :length, : request.topk_sample_logprobs],
-                        top_values[row, :length, : request.topk_sample_logprobs],
-                    )
-                sequences.append(
-                    SampledSequence(
-                        stop_reason=reason,
-                        tokens=all_tokens[row, :length].tolist(),
-                        logprobs=all_logprobs[row, :length].tolist(),
-                        topk_logprobs=top,
-                    )
-                )
-            responses.append(
-                SampleResponse(
-                    sequences=sequences,
-                    prompt_logprobs=prefill.prompt_logprobs,
-                    topk_prompt_logprobs=prefill.topk,
+        return [
+            SampleResponse(
+                sequences=self._sequences(index),
+                prompt_logprobs=prefill.prompt_logprobs,
+                topk_prompt_logprobs=prefill.topk,
+            )
+            for index, prefill in enumerate(prefills)
+        ]
+
+    def _sequences(self, index: int) -> list[SampledSequence]:
+        """Request `index`'s rows: each one's tokens, logprobs (and top-K) up to its length, or,
+        for a row still running, up to the current step."""
+        request, first = self.requests[index], self.first_row[index]
+        rows, k = slice(first, first + request.num_samples), request.topk_sample_logprobs
+        # One copy of the rows' outputs to the CPU (none on the CPU), then plain Python lists.
+        lengths, stopped = self.lengths[rows].tolist(), self.stopped[rows].tolist()
+        tokens = self.tokens[rows, : self.step].cpu()
+        logprobs = self.logprobs[rows, : self.step].cpu()
+        if k > 0:
+            top_ids = self.top_ids[rows, : self.step, :k].cpu()
+            top_values = self.top_values[rows, : self.step, :k].cpu()
+        sequences = []
+        for row, (length, stop) in enumerate(zip(lengths, stopped, strict=True)):
+            length = length or self.step  # 0: still running
+            reason: StopReason = "stop" if stop else "length"
+            top = _top_lists(top_ids[row, :length], top_values[row, :length]) if k > 0 else None
+            sequences.append(
+                SampledSequence(
+                    stop_reason=reason,
+                    tokens=tokens[row, :length].tolist(),
+                    logprobs=logprobs[row, :length].tolist(),
+                    topk_logprobs=top,
                 )
             )
-        return responses
+        return sequences
 
 
 def _top_lists(ids: torch.Tensor, values: torch.Tensor) -> list[list[tuple[int, float]]]:

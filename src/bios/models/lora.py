@@ -121,16 +121,15 @@ class LoRAAdapter(nn.Module):
         if key not in self.lora_A:
             return None
         a, b = self.lora_A[key], self.lora_B[key]
-        # float32 even inside an autocast region (full fine-tuning's references, bf16 engines).
-        in_float32 = (
-            torch.autocast(x.device.type, enabled=False)
-            if torch.is_autocast_enabled(x.device.type)
-            else contextlib.nullcontext()
-        )
-        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype != a.dtype and not autocast:
             # A bf16 layer: the products in bf16 (the casts of A and B are r·(in + out) values;
             # their backward hands float32 gradients to the factors).
             return F.linear(F.linear(x, a.to(x.dtype)) * self.scale, b.to(x.dtype))
+        # float32 inside an autocast region (full fine-tuning's references).
+        in_float32 = (
+            torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext()
+        )
         with in_float32:
             # Scaling the rank-r intermediate, not the full-width output, saves a pass over it.
             return F.linear(F.linear(x.to(a.dtype), a) * self.scale, b)

@@ -112,15 +112,13 @@ async def unreadable(request: Request, error: RequestValidationError) -> JSONRes
 def take_the_turn(request: Request, body: object, field: str, problem: str) -> None:
     """A refused body that names a run of the caller's and a `seq_id` still takes that turn
     (`routes_training.refused_in_turn`), so the run's next requests are not held up."""
-    if not isinstance(body, dict):
-        return
-    model_id, seq_id = body.get("model_id"), body.get("seq_id")
-    if not isinstance(model_id, str) or not isinstance(seq_id, int) or isinstance(seq_id, bool):
+    turn = routes_training.turn_of(body)
+    if turn is None:
         return
     try:
         tenant = tenant_of(request)
         routes_training.refused_in_turn(
-            request.app.state.bios, (model_id, seq_id), tenant, InvalidInputError(field, problem)
+            request.app.state.bios, turn, tenant, InvalidInputError(field, problem)
         )
     except (InvalidInputError, NotFoundError, Unauthorized, SessionFinished):
         pass  # the turn's refusal itself, or a run not (or no longer) the caller's to train

@@ -18,21 +18,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_core import PydanticCustomError
 
 from bios.errors import InvalidInputError
+from bios.server.wire import only
 from bios.types import SamplingParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat (its legacy completions allow 5)
-REFUSED = "refused"  # the pydantic error type of a value Bios cannot honour
 
 
 def no_op(*allowed: Any, why: str) -> AfterValidator:
-    """A field accepted only at one of its "off" values `allowed`; any other is refused."""
-
-    def check(value: Any) -> Any:
-        if not any(value == a and type(value) is type(a) for a in allowed):
-            raise PydanticCustomError(REFUSED, f"not implemented by Bios: {why}")
-        return value
-
-    return AfterValidator(check)
+    """`wire.only`, the reason said as an OpenAI option Bios does not implement."""
+    return only(*allowed, why=f"not implemented by Bios: {why}")
 
 
 PENALTY = "Bios samples from the model's distribution as trained, with no penalties (send 0)"

@@ -7,12 +7,12 @@ model). Concurrent `asample` requests on one session are decoded together by the
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Annotated, Any
 
 from fastapi import APIRouter
 
 from bios.checkpoints.paths import CheckpointPath
+from bios.concurrency import then
 from bios.errors import InvalidInputError
 from bios.server.auth import Tenant
 from bios.server.futures import new_request_id
@@ -44,13 +44,13 @@ class SampleBody(Body):
     prompt_logprobs_last_n: int | None = None
     target_prompt_logprobs: Annotated[
         dict[str, Any] | None,
-        only(None, "not implemented by Bios: ask topk_prompt_logprobs, or compute_logprobs"),
+        only(None, why="not implemented by Bios: ask topk_prompt_logprobs, or compute_logprobs"),
     ] = None
     # StableReinforce's sampling-time record (SDK 0.38 sends it on every asample, False by
     # default); what Bios records is `stable_reinforce`'s business.
     record_stability_info: bool | None = None
     prompt_alt_tokens_k: Annotated[
-        int, only(0, "not implemented by Bios: draw alternatives with num_samples")
+        int, only(0, why="not implemented by Bios: draw alternatives with num_samples")
     ] = 0
 
 
@@ -133,7 +133,7 @@ def asample(body: SampleBody, state: State, tenant: Tenant) -> dict[str, Any]:
         def record(response: SampleResponse) -> None:
             state.engine.sampled.record_response(tenant, sequence_ids, body.prompt.length, response)
 
-    future = stamped(future, sequence_ids, record)
+    future = then(future, lambda response: stamped(response, sequence_ids, record))
     if sampler_id is not None:
         state.samplers.used(sampler_id, future)
     state.submit(future, "sample", None, tenant, request_id=request_id)
@@ -141,35 +141,21 @@ def asample(body: SampleBody, state: State, tenant: Tenant) -> dict[str, Any]:
 
 
 def stamped(
-    future: Future, sequence_ids: list[str], record: Callable[[SampleResponse], None] | None
-) -> Future:
-    """The sample's response with each sequence's `sequence_id`, recorded by `record` (when
-    given) before the response is done: a training request may name a sequence as soon as its
-    client has seen it."""
-    done: Future = Future()
-    done.set_running_or_notify_cancel()
-
-    def finish(source: Future) -> None:
-        error = source.exception()
-        if error is None:
-            try:
-                response = source.result()
-                sequences = [
-                    sequence.model_copy(update={"sequence_id": sequence_id})
-                    for sequence, sequence_id in zip(response.sequences, sequence_ids, strict=True)
-                ]
-                response = response.model_copy(update={"sequences": sequences})
-                if record is not None:
-                    record(response)
-            except Exception as failure:  # a bug here must fail the request, not hang it
-                error = failure
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(response)
-
-    future.add_done_callback(finish)
-    return done
+    response: SampleResponse,
+    sequence_ids: list[str],
+    record: Callable[[SampleResponse], None] | None,
+) -> SampleResponse:
+    """`response` with each sequence's `sequence_id`, recorded by `record` (when given); run by
+    `then` before the request's future is done, so a training request may name a sequence as
+    soon as its client has seen it."""
+    sequences = [
+        sequence.model_copy(update={"sequence_id": sequence_id})
+        for sequence, sequence_id in zip(response.sequences, sequence_ids, strict=True)
+    ]
+    response = response.model_copy(update={"sequences": sequences})
+    if record is not None:
+        record(response)
+    return response
 
 
 @router.get("/samplers/{sampler_id}")

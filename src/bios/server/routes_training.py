@@ -198,22 +198,36 @@ def decompressed(state: ServerState, raw: bytes, headers: Headers) -> bytes:
     return b"".join(chunks)
 
 
+def turn_of(body: object) -> tuple[str, int] | None:
+    """The run and `seq_id` a request body names, or None where it names no turn."""
+    if not isinstance(body, dict):
+        return None
+    model_id, seq_id = body.get("model_id"), body.get("seq_id")
+    if isinstance(model_id, str) and isinstance(seq_id, int) and not isinstance(seq_id, bool):
+        return model_id, seq_id
+    return None
+
+
 def named_turn(raw: bytes, headers: Headers) -> tuple[str, int] | None:
-    """The run and `seq_id` a compute request's body names, read leniently (for a request
-    refused before it was understood), or None where it names no turn."""
+    """`turn_of` a compute request's body, read leniently (for a request refused before it was
+    understood)."""
     try:
         if headers.get("content-type", "").startswith(tinker_wire.PROTOBUF):
             message = tinker_wire.pb.ForwardBackwardRequest()
             message.ParseFromString(raw)
-            model_id, seq_id = message.model_id, message.seq_id or None
-        else:
-            body = json.loads(raw)
-            model_id, seq_id = body.get("model_id"), body.get("seq_id")
+            return turn_of({"model_id": message.model_id, "seq_id": message.seq_id or None})
+        return turn_of(json.loads(raw))
     except Exception:  # unreadable: it names nothing
         return None
-    if isinstance(model_id, str) and isinstance(seq_id, int) and not isinstance(seq_id, bool):
-        return model_id, seq_id
-    return None
+
+
+def raising(error: BaseException) -> Callable[[], Future]:
+    """An engine action that, in its turn, refuses with `error`."""
+
+    def refuse() -> Future:
+        raise error
+
+    return refuse
 
 
 def refused_in_turn(state: ServerState, turn: tuple[str, int], tenant, error: InvalidInputError):
@@ -221,11 +235,7 @@ def refused_in_turn(state: ServerState, turn: tuple[str, int], tenant, error: In
     turn is taken, so the run's later requests are not held up behind a gap that would stay
     open (`Sequencer.gap_seconds`). Raises `error` (a 400) when the turn is the next one, as a
     request refused at once is; only the run's own tenant takes its turns (`sequenced`)."""
-
-    def refuse() -> Future:
-        raise error
-
-    return sequenced(state, turn[0], turn[1], "refused", tenant, refuse)
+    return sequenced(state, turn[0], turn[1], "refused", tenant, raising(error))
 
 
 def parse_forward_backward(
@@ -240,12 +250,7 @@ def parse_forward_backward(
         turn = named_turn(raw, headers)
         if turn is None:
             raise
-        refusal = error  # `error` is unbound once the except block ends
-
-        def refuse() -> Future:
-            raise refusal
-
-        return turn[0], turn[1], refuse
+        return turn[0], turn[1], raising(error)
 
 
 def read_forward_backward(

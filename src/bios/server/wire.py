@@ -25,11 +25,12 @@ from bios.types import AdamParams, Datum, ForwardBackwardOutput, LoraConfig, Sam
 UNSUPPORTED = "unsupported"  # the pydantic error type of a value Bios cannot honour
 
 
-def only(default: Any, why: str) -> AfterValidator:
-    """A field accepted at `default` alone: any other value is refused with `why`."""
+def only(*allowed: Any, why: str) -> AfterValidator:
+    """A field accepted at its "off" values `allowed` alone (equal and of the same type): any
+    other value is refused with `why`."""
 
     def check(value: Any) -> Any:
-        if value != default:
+        if not any(value == a and type(value) is type(a) for a in allowed):
             raise PydanticCustomError(UNSUPPORTED, why)
         return value
 
@@ -97,7 +98,7 @@ class OptimizerConfigBody(Body):
     """SDK 0.38's `optimizer_config`: Bios's optimizer is AdamW (decoupled weight decay)."""
 
     type: Annotated[
-        str, only("adamw", "Bios implements the AdamW optimizer only (type 'adamw')")
+        str, only("adamw", why="Bios implements the AdamW optimizer only (type 'adamw')")
     ] = "adamw"
     version: int | None = None  # DimuonOptimizerConfig's; refused with its type
 
@@ -148,7 +149,7 @@ class OptimStepBody(Body):
     # the error reported, not the missing `adam_params`.)
     optimizer_params: Annotated[
         dict[str, Any] | None,
-        only(None, "Bios implements the AdamW optimizer only: send adam_params"),
+        only(None, why="Bios implements the AdamW optimizer only: send adam_params"),
     ] = None
     adam_params: AdamParams
 
@@ -167,7 +168,8 @@ class SaveWeightsBody(Body):
         Literal["snapshot", "inflight"],
         only(
             "snapshot",
-            "Bios serves snapshot samplers only (kind 'snapshot'): save again for newer weights",
+            why="Bios serves snapshot samplers only (kind 'snapshot'): save again for newer "
+            "weights",
         ),
     ] = "snapshot"
 
@@ -186,7 +188,7 @@ class LoadWeightsBody(Body):
         str | None,
         only(
             None,
-            "Bios has no weight access tokens: a tenant loads its own "
+            why="Bios has no weight access tokens: a tenant loads its own "
             "checkpoints and published ones",
         ),
     ] = None
