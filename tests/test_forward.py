@@ -16,8 +16,10 @@ from bios.engine.batch import pack_batch, pack_sequences, resolve_config, resolv
 from bios.engine.engine import Engine
 from bios.engine.forward import batch_logits, chunk_tokens_for, gather_logprobs, target_logprobs
 from bios.errors import InvalidInputError
+from bios.objectives import linear_coefficients
 from bios.types import Datum, ModelInput
 from helpers import random_datum, reference_logprobs
+from test_soft_targets import soft_data
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 LENGTHS = (7, 3, 12, 5, 12, 1, 9)  # uneven: rows hold several sequences and end in padding
@@ -178,6 +180,87 @@ def test_chunked_loss_equals_full_logits(loss_fn, data_kind, config, tiny_models
         # entries of a gradient whose largest is ~200 differ by ~1e-6 absolute.
         scale = float(grad.abs().max())
         assert float((g_chunk[name] - grad).abs().max()) <= 1e-6 * max(scale, 1.0), name
+
+
+LINEAR_CASES = [
+    ("cross_entropy", "llama"),
+    ("cross_entropy", "qwen2"),
+    ("cross_entropy", "qwen3"),
+    ([("cross_entropy", 0.37)], "qwen3"),
+    ("soft", "llama"),
+]
+
+
+@pytest.mark.parametrize(("loss_fn", "family"), LINEAR_CASES, ids=str)
+def test_unembedding_backward_in_the_forward_equals_full_logits(
+    loss_fn, family, tiny_models, session_engine
+):
+    """A linear objective's ∂L/∂logprobs is known before the forward: the unembedding's backward
+    then runs chunk by chunk inside it. Logprobs, loss and every gradient (the LoRA factors of
+    lm_head among them) equal the full-logits path's within 1e-6, in float32; the Run's own
+    step takes this path and gives the same gradients."""
+    service = ServiceClient(engine=session_engine)
+    client = perturbed_client(service, session_engine, tiny_models[family], seed=5)
+    run = session_engine.run(client.model_id)
+    if loss_fn == "soft":
+        data, loss_fn = soft_data(384, seed=3), "cross_entropy"
+    else:
+        data = uneven_data(384, "cross_entropy", seed=6)
+    objective = resolve_objective(loss_fn)
+    assert objective.linear
+    batch = pack_batch(data, objective, 384, 1 << 20)
+    config = resolve_config(objective, {})
+    known = linear_coefficients(objective, batch.inputs, config, batch.flat_targets())
+    # By hand: cross_entropy's L = −c Σ w·logp, so ∂L/∂logp = −c·w.
+    coefficient = 0.37 if objective.name != "cross_entropy" else 1.0
+    torch.testing.assert_close(known, -coefficient * batch.inputs["weights"], atol=0, rtol=0)
+
+    results = {}
+    for path in ("full", "known", "engine"):
+        for param in run.parameters.values():
+            param.grad = None
+        if path == "engine":
+            output = run.forward_backward(batch, objective, config, backward=True)
+            results[path] = (None, None, grads_of(session_engine, run.run_id))
+            assert float(output.metrics["loss:sum"]) == pytest.approx(float(results["full"][1]))
+            continue
+        with run.model() as model:
+            if path == "full":
+                logprobs = gather_logprobs(batch_logits(model, batch), batch)
+            else:
+                logprobs = target_logprobs(model, batch, chunk_tokens=4, logprob_grads=known)
+            loss, _ = objective.fn(logprobs, batch.inputs, config)
+            loss.backward()
+        results[path] = (logprobs.detach(), loss.detach(), grads_of(session_engine, run.run_id))
+    (lp_full, loss_full, g_full), (lp_known, loss_known, g_known) = (
+        results["full"],
+        results["known"],
+    )
+    torch.testing.assert_close(lp_known, lp_full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss_known, loss_full, atol=1e-6, rtol=1e-6)
+    assert any("lm_head" in name and g.abs().sum() > 0 for name, g in g_full.items())
+    for grads in (g_known, results["engine"][2]):
+        for name, grad in g_full.items():
+            scale = float(grad.abs().max())
+            assert float((grads[name] - grad).abs().max()) <= 1e-6 * max(scale, 1.0), name
+
+
+def test_unembedding_backward_refuses_another_gradient(tiny_models, session_engine):
+    """The gradients computed in the forward are for one ∂L/∂logprobs: a backward that brings
+    another one (an objective wrongly marked linear) is an error, and no gradient is added."""
+    service = ServiceClient(engine=session_engine)
+    client = perturbed_client(service, session_engine, tiny_models["llama"], seed=8)
+    run = session_engine.run(client.model_id)
+    objective = resolve_objective("cross_entropy")
+    batch = pack_batch(uneven_data(384, "cross_entropy", seed=9), objective, 384, 1 << 20)
+    known = linear_coefficients(objective, batch.inputs, {}, batch.flat_targets())
+    for param in run.parameters.values():
+        param.grad = None
+    with run.model() as model:
+        logprobs = target_logprobs(model, batch, chunk_tokens=4, logprob_grads=known)
+        with pytest.raises(RuntimeError, match="marked linear"):
+            (-(logprobs**2).sum()).backward()
+    assert all(param.grad is None for param in run.parameters.values())
 
 
 def test_chunk_size_follows_the_vocabulary():

@@ -9,6 +9,15 @@
                     gradients on, each chunk is recomputed in the backward pass (activation
                     checkpointing of the unembedding) instead of being kept
 
+With `logprob_grads` — g = ∂L/∂logprobs, known before the forward pass when the objective is
+linear in the logprobs (`cross_entropy`: g = −w) — each chunk's backward runs as soon as its
+logprobs are computed: the chunk's gradient with respect to the hidden states (tokens × hidden)
+and the unembedding's trainable parameters (the LoRA factors of `lm_head`) are kept, its logits
+are not, and nothing is recomputed later. The backward pass hands those gradients on after
+checking that the gradient it receives is g, bit for bit (`_KnownGradient`). The same operations
+as the recomputing path, one forward of the unembedding fewer (about a tenth of a step of
+SmolLM2-135M, whose unembedding is a fifth of its weights).
+
 With `checkpoint_layers`, each decoder layer runs under activation checkpointing: its inputs are
 kept and everything inside it is recomputed in the backward pass (about one more forward of the
 layers, for activation memory of one layer instead of all of them; for long sequences).
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -123,15 +133,94 @@ def layer_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
             del layer.forward  # the instance attribute: the class's forward shows again
 
 
+def graph_leaves(output: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors whose `.grad` a backward from `output` would accumulate into."""
+    leaves, seen, nodes = [], set(), [output.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None:
+            leaves.append(variable)
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+@dataclass
+class _Computed:
+    """The backward of the unembedding, done in the forward for a known ∂L/∂logprobs."""
+
+    expected: torch.Tensor  # the ∂L/∂logprobs it was computed for
+    hidden_grad: torch.Tensor  # ∂L/∂hidden, (tokens, hidden)
+    leaf_grads: list[torch.Tensor]  # ∂L/∂ each trainable parameter of the unembedding
+
+
+class _KnownGradient(torch.autograd.Function):
+    """Logprobs whose backward was computed in the forward pass: it checks that the gradient
+    arriving is the one computed for, then hands the hidden states and the unembedding's
+    parameters their gradients (accumulated by autograd, as any backward's are)."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden: torch.Tensor, logprobs: torch.Tensor, computed: _Computed, *leaves
+    ) -> torch.Tensor:
+        ctx.computed = computed
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        computed: _Computed = ctx.computed
+        if not torch.equal(grad, computed.expected):
+            raise RuntimeError(
+                "the gradient of the loss with respect to the logprobs is not the one the "
+                "unembedding's gradient was computed for: an objective marked linear is not"
+            )
+        return computed.hidden_grad, None, None, *computed.leaf_grads
+
+
+def _logprobs_with_known_gradient(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    logprob_grads: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
+    """Chunked logprobs whose unembedding backward runs chunk by chunk in this forward."""
+    values, hidden_grads = [], []
+    leaves: list[torch.Tensor] = []
+    leaf_grads: list[torch.Tensor] = []
+    for start in range(0, len(targets), size):
+        piece = hidden[start : start + size].detach().requires_grad_()
+        logprobs = _chunk_logprobs(head, piece, targets[start : start + size])
+        if not leaves:
+            leaves = [leaf for leaf in graph_leaves(logprobs) if leaf is not piece]
+        grads = torch.autograd.grad(
+            logprobs, [piece, *leaves], grad_outputs=logprob_grads[start : start + size]
+        )
+        values.append(logprobs.detach())
+        hidden_grads.append(grads[0])
+        leaf_grads = (
+            list(grads[1:])
+            if not leaf_grads
+            else [total + grad for total, grad in zip(leaf_grads, grads[1:], strict=True)]
+        )
+    computed = _Computed(logprob_grads, torch.cat(hidden_grads), leaf_grads)
+    return _KnownGradient.apply(hidden, torch.cat(values), computed, *leaves)
+
+
 def target_logprobs(
     model: nn.Module,
     batch: PackedBatch,
     chunk_tokens: int | None = None,
     checkpoint_layers: bool = False,
+    logprob_grads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(sum of lengths,) float32 target logprobs in datum order ((sum, K) with K soft targets),
-    the unembedding and the log-softmax run over chunks of real tokens (see the module
-    docstring)."""
+    the unembedding and the log-softmax run over chunks of real tokens; with `logprob_grads`
+    (∂L/∂logprobs, the logprobs' shape), the unembedding's backward runs in this forward (see
+    the module docstring)."""
     if not can_chunk(model):
         with layer_checkpointing(model, checkpoint_layers):
             return gather_logprobs(batch_logits(model, batch), batch)
@@ -140,6 +229,8 @@ def target_logprobs(
         hidden = decoder(**model_inputs(model, batch), use_cache=False).last_hidden_state
     hidden, targets = hidden[batch.mask], batch.flat_targets()
     size = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
+    if logprob_grads is not None and torch.is_grad_enabled():
+        return _logprobs_with_known_gradient(head, hidden, targets, logprob_grads, size)
     pieces = []
     for start in range(0, len(targets), size):
         chunk = (head, hidden[start : start + size], targets[start : start + size])

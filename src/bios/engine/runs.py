@@ -37,7 +37,7 @@ from bios.engine.forward import (
 from bios.engine.kept_graph import KeptForward
 from bios.errors import InvalidInputError
 from bios.models.lora import AdapterHost, LoRAAdapter
-from bios.objectives import REF_LOGPROBS, Objective
+from bios.objectives import REF_LOGPROBS, Objective, linear_coefficients
 from bios.objectives.custom import CustomLossFn, checked_custom_result
 from bios.types import (
     AdamParams,
@@ -192,7 +192,13 @@ class TrainingRun:
             if backward and kept is not None and kept.serves(batch, self.weights_version):
                 logprobs = kept.logprobs
             else:
-                logprobs = target_logprobs(model, here, checkpoint_layers=self.checkpoint_layers)
+                known = None
+                if backward and objective.linear and self.adapter is not None:
+                    # ∂L/∂logprobs before the forward: the unembedding's backward runs in it.
+                    known = linear_coefficients(objective, inputs, config, here.flat_targets())
+                logprobs = target_logprobs(
+                    model, here, checkpoint_layers=self.checkpoint_layers, logprob_grads=known
+                )
             loss, metrics = objective.fn(logprobs, inputs, config)
             if backward:
                 loss.backward()

@@ -16,6 +16,7 @@ from bios.objectives.base import (
     LossOutput,
     Objective,
     ObjectiveFn,
+    linear_coefficients,
     sequence_sums,
 )
 from bios.objectives.combination import combine
@@ -50,7 +51,13 @@ def _preference(name: str, fn: ObjectiveFn, config: dict[str, float]) -> Objecti
 OBJECTIVES: dict[str, Objective] = {
     objective.name: objective
     for objective in (
-        Objective("cross_entropy", cross_entropy, required_inputs=("weights",), soft_targets=True),
+        Objective(
+            "cross_entropy",
+            cross_entropy,
+            required_inputs=("weights",),
+            soft_targets=True,
+            linear=True,
+        ),
         Objective("importance_sampling", importance_sampling, ("logprobs", "advantages")),
         Objective("ppo", ppo, ("logprobs", "advantages"), _CLIP, config=CLIP_DEFAULTS),
         Objective("cispo", cispo, ("logprobs", "advantages"), _CLIP, config=CLIP_DEFAULTS),
@@ -129,5 +136,6 @@ __all__ = [
     "ObjectiveFn",
     "combine",
     "get_objective",
+    "linear_coefficients",
     "sequence_sums",
 ]

@@ -40,7 +40,10 @@ class Objective:
     the data do not carry them. `pairs`: the data are (chosen, rejected) pairs, data[2k] and
     data[2k+1]. `soft_targets`: `target_tokens` (and `weights`) may be (N, K), K targets per
     position, and `logprobs` is then (N, K). `provenance`: the data must carry provenance spans,
-    from which the engine fills `SAMPLER_LOGPROBS` and `SAMPLED`.
+    from which the engine fills `SAMPLER_LOGPROBS` and `SAMPLED`. `linear`: the loss is
+    Σ c · logprobs with coefficients c that do not depend on the logprobs (`cross_entropy`), so
+    ∂L/∂logprobs is known before the forward pass and the engine computes the unembedding's
+    gradient inside it (`engine/forward.py`).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Objective:
     pairs: bool = False
     soft_targets: bool = False
     provenance: bool = False
+    linear: bool = False
     # Per config key: (is the value acceptable?, what is expected) — checked before any work.
     config_checks: Mapping[str, tuple[Callable[[float], bool], str]] = field(default_factory=dict)
 
@@ -72,3 +76,19 @@ def token_weights(logprobs: torch.Tensor, inputs: Inputs) -> torch.Tensor:
     """`weights` if the data carry them, else 1 on every token."""
     weights = inputs.get("weights")
     return weights if weights is not None else torch.ones_like(logprobs)
+
+
+def linear_coefficients(
+    objective: Objective, inputs: Inputs, config: dict[str, float], like: torch.Tensor
+) -> torch.Tensor:
+    """c = ∂L/∂logprobs of a `linear` objective (L = Σ c · logprobs), shaped like `like`.
+
+    The objective's own backward at logprobs = 0 (for a linear objective the point does not
+    matter), so c is computed by the very operations that give ∂L/∂logprobs in a step.
+    """
+    assert objective.linear, objective.name
+    probe = torch.zeros_like(like, dtype=torch.float32, requires_grad=True)
+    with torch.enable_grad():
+        loss, _ = objective.fn(probe, inputs, config)
+        (grad,) = torch.autograd.grad(loss, probe, allow_unused=True)
+    return grad if grad is not None else torch.zeros_like(probe)

@@ -55,5 +55,6 @@ def combine(parts: Sequence[tuple[Objective, float]]) -> Objective:
         # (N, K) targets only if every part reads them so; one part's provenance fills for all.
         soft_targets=all(o.soft_targets for o, _ in parts),
         provenance=any(o.provenance for o, _ in parts),
+        linear=all(o.linear for o, _ in parts),
         config_checks={f"{o.name}.{k}": v for o, _ in parts for k, v in o.config_checks.items()},
     )
