@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from bios.client.service import ServiceClient
-from bios.engine.batch import pack_batch, pack_sequences, resolve_config, resolve_objective
+from bios.engine.batch import (
+    attention_cost,
+    pack_batch,
+    pack_sequences,
+    resolve_config,
+    resolve_objective,
+    row_width,
+)
 from bios.engine.engine import Engine
 from bios.engine.forward import batch_logits, chunk_tokens_for, gather_logprobs, target_logprobs
 from bios.errors import InvalidInputError
@@ -56,6 +64,30 @@ def test_pack_sequences_layout():
     assert selected.lengths == [1, 2]
     assert selected.segment_ids.tolist() == [[0, -1], [1, 1]]
     assert selected.input_ids[selected.mask].tolist() == [5, 7, 8]
+
+
+def test_rows_of_the_cheapest_width():
+    """With a model's attention cost a, rows are as wide as makes Σ rows · W · (1 + a·W) least.
+    By hand for lengths 6, 5, 6, 5, 10 and a = 0.01: width 10 (the longest) packs one sequence
+    a row, 5 · 10 · 1.1 = 55; capacity 12 packs [6, 5] [6, 5] [10] into 3 rows of 11,
+    3 · 11 · 1.11 = 36.6; capacity 18 gives [6, 5, 6] [5, 10], 2 · 17 · 1.17 = 39.8; one row of
+    all 32 tokens 32 · 1.32 = 42.2: capacity 12 is the cheapest."""
+    lengths = [6, 5, 6, 5, 10]
+    assert row_width(lengths, None) == 10
+    assert row_width(lengths, 0.01) == 12
+    rows = [torch.arange(n) + 100 * i for i, n in enumerate(lengths)]
+    batch = pack_sequences(rows, rows, {}, attention_cost=0.01)
+    assert tuple(batch.input_ids.shape) == (3, 11)
+    assert batch.segment_ids[:, 0].tolist() == [0, 2, 4]
+    assert batch.input_ids[batch.mask].tolist() == torch.cat(rows).tolist()  # datum order
+    assert batch.select(0, 4).input_ids.shape[0] == 2  # shards are packed the same way
+    # Equal lengths: one sequence a row (no mask) is the cheapest whatever a is.
+    assert row_width([256] * 8, 3.3e-4) == 256
+    # a for SmolLM2-135M's shapes, by hand: 4·576 / (2·(576·(2·576 + 2·192) + 3·576·1536)).
+    config = LlamaConfig(
+        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
+    )
+    assert attention_cost(config) == pytest.approx(2304 / 7077888, rel=1e-12)
 
 
 def uneven_data(vocab: int, loss_fn: str, seed: int = 0) -> list[Datum]:

@@ -225,6 +225,7 @@ class Engine:
             worker.vocab_size,
             worker.max_length,
             lookup=lambda sequence_id: self.sampled.lookup(owner, sequence_id),
+            attention_cost=worker.attention_cost,
         )
         if backward or keep_graph:
             self._check_step_fits(run, worker, batch)
@@ -271,7 +272,9 @@ class Engine:
         """A user's loss of per-datum logprobs (or logits), on the live graph of one forward."""
         run, worker = self.run(run_id), self._run_workers[run_id]
         check_custom_loss(loss_fn, loss_type_input)
-        batch = pack_batch(data, None, worker.vocab_size, worker.max_length)
+        batch = pack_batch(
+            data, None, worker.vocab_size, worker.max_length, attention_cost=worker.attention_cost
+        )
         self._check_step_fits(run, worker, batch)
         return worker.submit(
             run.forward_backward_custom, batch, data, loss_fn, loss_type_input, lane=run_id

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import torch
 
+from bios.engine.batch import attention_cost
 from bios.engine.runs import Run
 from bios.models.loading import LoadedModel
 from bios.models.lora import AdapterHost
@@ -50,6 +51,11 @@ class ModelWorker:
     def dtype(self) -> torch.dtype:
         """The base model's dtype (its adapters are float32 whatever it is)."""
         return next(self.loaded.model.parameters()).dtype
+
+    @property
+    def attention_cost(self) -> float:
+        """What packing weighs a row's width with (`bios.engine.batch.attention_cost`)."""
+        return attention_cost(self.loaded.model.config)
 
     @property
     def vocab_size(self) -> int:
