@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -52,3 +54,20 @@ def future_result(client, response) -> dict:
             assert "error" not in answer, answer
             return answer
     raise TimeoutError(request_id)
+
+
+@contextlib.contextmanager
+def saved_storages(held: Iterable[torch.Tensor]) -> Iterator[dict[int, int]]:
+    """Inside the block, the distinct storages autograd saves for the backward (address ->
+    bytes), leaving out those of `held` (the weights, which are held anyway)."""
+    skip = {tensor.untyped_storage().data_ptr() for tensor in held}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield seen

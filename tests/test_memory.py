@@ -11,7 +11,7 @@ from bios.engine import memory
 from bios.engine.batch import pack_batch, resolve_config, resolve_objective
 from bios.engine.engine import Engine
 from bios.errors import InvalidInputError
-from helpers import random_datum
+from helpers import random_datum, saved_storages
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 LENGTHS = (60, 30, 90, 45)
@@ -20,17 +20,7 @@ LENGTHS = (60, 30, 90, 45)
 def activation_bytes(run, model, batch, objective, config) -> int:
     """Bytes of the distinct storages autograd saves during a forward and backward, leaving out
     the weights (they are held anyway), measured with saved-tensor hooks on this thread."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    weights |= {p.untyped_storage().data_ptr() for p in run.parameters.values()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_storages([*model.parameters(), *run.parameters.values()]) as seen:
         run.forward_backward(batch, objective, config, True)
     return sum(seen.values())
 

@@ -26,7 +26,7 @@ from bios.models.loading import load_model
 from bios.models.lora import AdapterHost, LoRAAdapter
 from bios.models.swiglu import SiLUMul, fuse_swiglu_mlps, fused_mlps, is_fused, silu_mul
 from bios.types import LoraConfig
-from helpers import random_datum
+from helpers import random_datum, saved_storages
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 LENGTHS = (60, 30, 90, 45)
@@ -137,18 +137,9 @@ def lora_step(model, checkpoint_layers: bool, seed: int = 0):
     data = [random_datum(384, n, "cross_entropy", generator) for n in LENGTHS]
     batch = pack_batch(data, resolve_objective("cross_entropy"), 384, 1 << 20)
     coefficients = torch.randn(batch.num_tokens, generator=generator)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    weights |= {p.untyped_storage().data_ptr() for p in adapter.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     try:
-        with host.use(adapter), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        held = [*model.parameters(), *adapter.parameters()]
+        with host.use(adapter), saved_storages(held) as seen:
             logprobs = target_logprobs(model, batch, checkpoint_layers=checkpoint_layers)
             (logprobs * coefficients).sum().backward()
     finally:
