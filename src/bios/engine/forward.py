@@ -194,18 +194,17 @@ def _logprobs_with_known_gradient(
     for start in range(0, len(targets), size):
         piece = hidden[start : start + size].detach().requires_grad_()
         logprobs = _chunk_logprobs(head, piece, targets[start : start + size])
-        if not leaves:
+        if start == 0:  # every chunk runs the same head, so it reaches the same leaves
             leaves = [leaf for leaf in graph_leaves(logprobs) if leaf is not piece]
-        grads = torch.autograd.grad(
+        piece_grad, *grads = torch.autograd.grad(
             logprobs, [piece, *leaves], grad_outputs=logprob_grads[start : start + size]
         )
         values.append(logprobs.detach())
-        hidden_grads.append(grads[0])
-        leaf_grads = (
-            list(grads[1:])
-            if not leaf_grads
-            else [total + grad for total, grad in zip(leaf_grads, grads[1:], strict=True)]
-        )
+        hidden_grads.append(piece_grad)
+        if start == 0:
+            leaf_grads = grads
+        else:
+            leaf_grads = [total + grad for total, grad in zip(leaf_grads, grads, strict=True)]
     computed = _Computed(logprob_grads, torch.cat(hidden_grads), leaf_grads)
     return _KnownGradient.apply(hidden, torch.cat(values), computed, *leaves)
 

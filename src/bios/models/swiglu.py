@@ -89,10 +89,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _swiglu_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # The module is an argument of a `partial`, not a closure: `copy.deepcopy` of the model
     # copies the partial's arguments through its memo, so a copy's forward calls the copy.
-    gate, up = module.gate_proj(x), module.up_proj(x)
-    if torch.is_grad_enabled():
-        return module.down_proj(silu_mul(gate, up))
-    return module.down_proj(module.act_fn(gate) * up)  # the class's own expression
+    # `fusable` admits SiLU activations only, so `silu_mul`'s plain product (its path without
+    # gradients) is the class's own `act_fn(gate) * up`.
+    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
 
 
 def fusable(module: nn.Module) -> bool:
