@@ -649,7 +649,11 @@ def check_chunking(ctx: Context, part: str, tok, limits: dict) -> None:
     try:  # how many chunks Bios's rule makes of these tokens, where this Bios has the rule
         from bios.engine.forward import chunk_tokens_for
 
-        chunks = f", {math.ceil(sum(lengths) / chunk_tokens_for(vocab))} chunks"
+        try:
+            per_chunk = chunk_tokens_for(vocab, dev)
+        except TypeError:  # a Bios whose rule takes no device
+            per_chunk = chunk_tokens_for(vocab)
+        chunks = f", {math.ceil(sum(lengths) / per_chunk)} chunks"
     except ImportError:
         pass
     check = f"chunked = unchunked ({sum(lengths)} tokens x {vocab} vocab{chunks}, {dev} fp32)"

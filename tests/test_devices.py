@@ -26,7 +26,7 @@ from bios.engine.devices import (
     resolve_precision,
 )
 from bios.engine.engine import Engine
-from bios.engine.packed import PackedLinears
+from bios.engine.packed import PackedLinears, packable_dtypes
 from bios.errors import InvalidInputError
 from bios.models.loading import load_model
 from bios.models.lora import AdapterHost, LoRAAdapter
@@ -469,5 +469,20 @@ def test_lora_delta_is_computed_in_the_layers_dtype_from_float32_factors(llama):
     host.remove()
 
 
-def test_prepacked_decoding_is_for_float32_cpu_models_only(llama):
-    assert PackedLinears._pack(load_model(llama, torch.bfloat16).model) is None
+def test_prepacked_decoding_takes_bf16_only_where_onednn_has_bf16_kernels(llama):
+    """A bf16 model is prepacked where oneDNN has native bf16 kernels (`avx512_bf16`, AMX), and
+    its packed products are `F.linear`'s (the same logits at 6 rows); elsewhere it is not packed
+    (oneDNN refuses bf16 there) and decodes with the plain kernels."""
+    model = load_model(llama, torch.bfloat16).model
+    packed = PackedLinears._pack(model)
+    if torch.bfloat16 not in packable_dtypes():
+        assert packed is None
+        return
+    assert packed is not None
+    tokens = torch.randint(0, 384, (6, 9), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        plain = model(input_ids=tokens).logits
+        with packed.installed():
+            prepacked = model(input_ids=tokens).logits
+    assert prepacked.dtype == torch.bfloat16
+    torch.testing.assert_close(prepacked, plain, rtol=2**-7, atol=2**-7)

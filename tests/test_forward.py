@@ -144,8 +144,11 @@ def test_packed_logprobs_and_gradients_equal_each_sequence_alone(
         logits = model(input_ids=padded).logits.float()[real]
         logprobs = torch.log_softmax(logits, -1).gather(-1, torch.cat(targets)[:, None])[:, 0]
         (-(weights * logprobs).sum()).backward()
+    # Within 1e-5 of each tensor's largest entry: elementwise, float32 accumulations of entries
+    # of size ~10 differ by 1.4e-5 on an AVX-512 CPU (its kernels sum in another order).
     for name, grad in grads_of(session_engine, client.model_id).items():
-        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-5)
+        scale = float(grad.abs().max())
+        assert float((packed_grads[name] - grad).abs().max()) <= 1e-5 * scale, name
 
 
 OBJECTIVE_CASES = [
@@ -295,9 +298,11 @@ def test_unembedding_backward_refuses_another_gradient(tiny_models, session_engi
     assert all(param.grad is None for param in run.parameters.values())
 
 
-def test_chunk_size_follows_the_vocabulary():
-    assert chunk_tokens_for(49152) == (64 << 20) // (4 * 49152)  # 341 tokens of SmolLM2's
-    assert chunk_tokens_for(128256) == (64 << 20) // (4 * 128256)
+def test_chunk_size_follows_the_vocabulary_and_the_device():
+    assert chunk_tokens_for(49152) == (32 << 20) // (4 * 49152) == 170  # SmolLM2's, on a CPU
+    assert chunk_tokens_for(128256, "cpu") == 65
+    assert chunk_tokens_for(128256, "cuda") == (256 << 20) // (4 * 128256) == 523
+    assert chunk_tokens_for(49152, "cpu", budget_bytes=64 << 20) == 341
     assert chunk_tokens_for(10**9) == 64  # never fewer than 64 tokens
 
 

@@ -24,6 +24,7 @@ from bios.engine.batch import pack_batch, resolve_objective
 from bios.engine.forward import target_logprobs
 from bios.models.loading import load_model
 from bios.models.lora import AdapterHost, LoRAAdapter
+from bios.models.rms_norm import fuse_rms_norms
 from bios.models.swiglu import SiLUMul, fuse_swiglu_mlps, fused_mlps, is_fused, silu_mul
 from bios.types import LoraConfig
 from helpers import random_datum, saved_storages
@@ -99,12 +100,14 @@ def test_saves_only_gate_and_up_and_nothing_without_gradients():
 
 @pytest.fixture(scope="module")
 def model_pairs(tiny_models) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
-    """family -> (plain model as transformers loads it, the same model through `load_model`)."""
+    """family -> (plain model as transformers loads it, the same model through `load_model`);
+    both with `load_model`'s RMSNorm (`bios.models.rms_norm`), so that only the MLPs differ."""
     pairs = {}
     for family in FAMILIES:
         reference = AutoModelForCausalLM.from_pretrained(
             tiny_models[family], attn_implementation="sdpa", dtype=torch.float32
         )
+        fuse_rms_norms(reference)
         fused = load_model(tiny_models[family]).model
         pairs[family] = (reference.eval().requires_grad_(False), fused)
     return pairs
@@ -170,12 +173,61 @@ def test_lora_step_equals_the_plain_mlp(family, checkpoint_layers, model_pairs, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_keeps_one_fewer_intermediate_tensor_per_layer(family, model_pairs, steps):
+def test_keeps_two_fewer_intermediate_tensors_per_layer(family, model_pairs, steps):
+    """silu(g) and the product are not kept (the down projection's LoRA reads a recomputed
+    product); with checkpointing the recomputed layer keeps the product (one fewer)."""
     _, _, plain_bytes, tokens = steps(family, False, False)
     _, _, fused_bytes, _ = steps(family, True, False)
     config = model_pairs[family][0].config
     one_tensor = tokens * config.intermediate_size * 4  # float32
-    assert plain_bytes - fused_bytes >= config.num_hidden_layers * one_tensor
+    assert plain_bytes - fused_bytes >= 2 * config.num_hidden_layers * one_tensor
+
+
+def mlp_gradients(mlp, x: torch.Tensor, grad: torch.Tensor) -> tuple[list, dict[int, int]]:
+    """Gradients of x and of every weight (full fine-tuning), and what autograd saved."""
+    x = x.clone().requires_grad_()
+    with saved_storages([*mlp.parameters(), x]) as seen:
+        out = mlp(x)
+    weights = list(mlp.parameters())
+    grads = torch.autograd.grad(out, [x, *weights], grad)
+    return [out.detach(), *grads], dict(seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_fine_tuning_reads_a_recomputed_product(dtype):
+    """With the weights trained, the down projection's weight gradient needs the product: it is
+    recomputed from gate and up, bit for bit, so every gradient equals the plain MLP's exactly,
+    and autograd keeps gate and up only (2 tensors of tokens × intermediate, not 4)."""
+    config = tiny(LlamaConfig)
+    plain = LlamaForCausalLM(config).model.layers[0].mlp.to(dtype)
+    fused = copy.deepcopy(plain)
+    fuse_swiglu_mlps(fused)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, config.hidden_size, generator=generator).to(dtype)
+    grad = torch.randn(3, 7, config.hidden_size, generator=generator).to(dtype)
+    expected, plain_saved = mlp_gradients(plain, x, grad)
+    actual, fused_saved = mlp_gradients(fused, x, grad)
+    for got, want in zip(actual, expected, strict=True):
+        assert torch.equal(got, want)
+    wide = 3 * 7 * config.intermediate_size * dtype.itemsize
+    assert sorted(plain_saved.values()).count(wide) == 4
+    assert sorted(fused_saved.values()).count(wide) == 2
+
+
+def test_the_recomputed_product_survives_a_double_backward():
+    config = tiny(LlamaConfig)
+    mlp = LlamaForCausalLM(config).model.layers[0].mlp.double()
+    reference = copy.deepcopy(mlp)
+    fuse_swiglu_mlps(mlp)
+    x = torch.randn(2, 3, config.hidden_size, dtype=torch.float64)
+    results = []
+    for module in (reference, mlp):
+        xx = x.clone().requires_grad_()
+        (weight_grad,) = torch.autograd.grad(
+            module(xx).pow(2).sum(), module.down_proj.weight, create_graph=True
+        )
+        results.append(torch.autograd.grad(weight_grad.sum(), xx)[0])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)
 
 
 def test_decoding_is_unchanged(model_pairs):

@@ -40,15 +40,25 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bios.engine.batch import PackedBatch
+from bios.models.swiglu import products_kept
 
-# Bytes of float32 logits a chunk may hold (its gradient and log-softmax are as large again):
-# 64 MiB is 341 tokens of a 49k vocabulary, 130 of Llama-3's 128k.
-CHUNK_LOGIT_BYTES = 64 << 20
+# Bytes of float32 logits a chunk may hold (its gradient and log-softmax are as large again).
+# On a CPU 32 MiB, 170 tokens of a 49k vocabulary: there a chunk costs memory, not speed (a LoRA
+# step of 16 chats on SmolLM2-135M peaked 100 MiB lower than at 64 MiB, as fast). On a GPU 256
+# MiB, 523 tokens of Llama-3's 128k: its matrix units want hundreds of rows per product, and
+# three such buffers are little beside its memory.
+CPU_CHUNK_LOGIT_BYTES = 32 << 20
+GPU_CHUNK_LOGIT_BYTES = 256 << 20
 MIN_CHUNK_TOKENS = 64
 
 
-def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> int:
-    """Tokens per chunk: as many as fit `budget_bytes` of float32 logits, at least 64."""
+def chunk_tokens_for(
+    vocab_size: int, device: torch.device | str = "cpu", budget_bytes: int | None = None
+) -> int:
+    """Tokens per chunk on `device`: as many as fit the budget of float32 logits, at least 64."""
+    if budget_bytes is None:
+        on_cpu = torch.device(device).type == "cpu"
+        budget_bytes = CPU_CHUNK_LOGIT_BYTES if on_cpu else GPU_CHUNK_LOGIT_BYTES
     return max(MIN_CHUNK_TOKENS, budget_bytes // (4 * vocab_size))
 
 
@@ -58,11 +68,12 @@ def model_inputs(model: nn.Module, batch: PackedBatch) -> dict[str, torch.Tensor
     Rows that hold one sequence each (equal lengths, or data too long to share) need no mask:
     the plain causal mask is exact, as a right-padded batch always was, and SDPA then takes its
     causal fast path instead of a masked one. Rows that share get the block-diagonal mask and the
-    restarting position ids."""
+    restarting position ids. The mask is additive, in the model's dtype, for SDPA as for eager
+    attention: SDPA converts a boolean mask to that form in every layer and each layer's backward
+    keeps its own copy (rows × length² × 4 bytes a layer); one additive mask is shared by all."""
     if not batch.shares_rows:
         return {"input_ids": batch.input_ids}
-    eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
-    mask = batch.attention_mask(model.dtype if eager else None)
+    mask = batch.attention_mask(model.dtype)
     return {
         "input_ids": batch.input_ids,
         "position_ids": batch.position_ids,
@@ -112,7 +123,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 
 
 def _checkpointed(forward, *args, **kwargs):
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(_products_kept, forward, *args, use_reentrant=False, **kwargs)
+
+
+def _products_kept(forward, *args, **kwargs):
+    """A checkpointed layer is recomputed whole, so its MLP keeps its product (in the forward
+    and in the recomputation alike: checkpointing expects the same tensors saved by both)."""
+    with products_kept():
+        return forward(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -227,7 +245,7 @@ def target_logprobs(
     with layer_checkpointing(model, checkpoint_layers):
         hidden = decoder(**model_inputs(model, batch), use_cache=False).last_hidden_state
     hidden, targets = hidden[batch.mask], batch.flat_targets()
-    size = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
+    size = chunk_tokens or chunk_tokens_for(head.weight.shape[0], head.weight.device)
     if logprob_grads is not None and torch.is_grad_enabled():
         return _logprobs_with_known_gradient(head, hidden, targets, logprob_grads, size)
     pieces = []

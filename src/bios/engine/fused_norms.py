@@ -41,10 +41,16 @@ def fused_rms_norms(model: nn.Module) -> Iterator[None]:
         for module in model.modules()
         if isinstance(module, RMS_NORMS) and module.weight.dtype == torch.float32
     ]
+    # The forward each had on the instance (`bios.models.rms_norm`'s, installed for the model's
+    # life), put back afterwards.
+    previous = [module.__dict__.get("forward") for module in modules]
     for module in modules:
         module.forward = partial(_rms_norm, module)
     try:
         yield
     finally:
-        for module in modules:
-            del module.forward
+        for module, forward in zip(modules, previous, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward

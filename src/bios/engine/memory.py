@@ -3,20 +3,29 @@
 A request that does not fit is refused with the numbers and the setting to change, instead of
 dying in an out-of-memory crash that would take every tenant's runs on the worker with it.
 
-What a training request holds at its peak (per decoder layer l = 1…L, per real token, with
-b = bytes per element of the base model's dtype, h = hidden size, k = the key/value width
-(kv heads × head dim), i = the MLP width):
+What a training request holds at its peak (per decoder layer l = 1…L, per token computed, with
+b = bytes per element of the base model's dtype, h = hidden size, q = the query width (heads ×
+head dim), k = the key/value width (kv heads × head dim), i = the MLP width, n = query heads):
 
-    activations   L · tokens · (b·(6h + 2k + m·i) + 16h)
-                  the inputs of the attention and MLP projections (shared by q/k/v and gate/up),
-                  rotated q and k, the attention output and its log-sum-exp, the MLP's gate, up
-                  and product, m = 3 of them where every layer's MLP is fused
-                  (`bios.models.swiglu`, as `load_model` installs it on Llama, Qwen2 and Qwen3),
-                  else m = 4: the activation's output too; 16h: RMSNorm computes in float32 and
-                  keeps its input and output so (two norms a layer, 2 × 2h × 4 bytes)
+    activations   L · tokens · (b·(5h + q + 2k' + m·i) + 4n + norms)
+                  5h: the two norms' inputs and the inputs of the attention and MLP projections
+                  (shared by q/k/v and gate/up) and of the output projection; q + 2k': rotated
+                  q and k, and v, with k' = q where rows share (a mask makes transformers repeat
+                  the key/value heads for SDPA), else k; 4n: the attention's log-sum-exp; m·i:
+                  the MLP's gate and up, m = 2 where every layer's MLP is fused
+                  (`bios.models.swiglu`, as `load_model` installs it on Llama, Qwen2 and Qwen3:
+                  the product is recomputed for the backward; 3 in a checkpointed layer, which
+                  keeps it), else m = 4: the product and the activation's output too; norms: 8
+                  bytes (a float32 scale a
+                  norm) where every RMSNorm keeps only its input (`bios.models.rms_norm`, also
+                  installed by `load_model`), else 8h (each norm's float32 input); Qwen3's
+                  per-head q and k norms add b·(q + k) + 4·(n + kv heads) fused, (4 + b)·(q + k)
+                  plain
                   with gradient checkpointing: L · tokens · b·h (each layer's input) plus one
                   layer's activations while it is recomputed
-    attention     the block-diagonal mask, rows × row length² (1 byte, bool)
+    around        tokens · (2·b·h + 8·head dim): the final norm's input, the real tokens'
+                  hidden states, the rotary cos and sin (float32, shared by the layers)
+    attention     the block-diagonal additive mask, rows × row length² × b (one for all layers)
     logits        one chunk: chunk tokens × vocabulary × 4 bytes × 3 (the logits, their
                   log-softmax and its gradient; `engine/forward.py`)
     LoRA          per token and adapted layer, the rank-r intermediate A·x (r × 4 bytes), small
@@ -40,6 +49,7 @@ from bios.engine.batch import PackedBatch
 from bios.engine.forward import chunk_tokens_for
 from bios.errors import InvalidInputError
 from bios.models.lora import find_targets, target_names
+from bios.models.rms_norm import fused_norms
 from bios.models.swiglu import fused_mlps
 from bios.types import LoraConfig
 
@@ -63,7 +73,11 @@ class Shape:
     intermediate: int
     vocab: int
     dtype_bytes: int
-    mlp_tensors: int = 4  # (tokens × intermediate) tensors an MLP keeps: 3 fused, 4 plain
+    mlp_tensors: int = 4  # (tokens × intermediate) tensors an MLP keeps: 2 fused, 4 plain
+    norms_fused: bool = False  # every RMSNorm keeps only its input (and a scale a row)
+    heads: int = 1
+    head_dim: int = 0  # 0: hidden / heads
+    qk_norms: bool = False  # per-head norms of q and k (Qwen3)
 
     @classmethod
     def of(cls, model: nn.Module) -> Shape:
@@ -71,21 +85,41 @@ class Shape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        layers = config.num_hidden_layers
+        qk_norms = any(hasattr(module, "q_norm") for module in model.modules())
+        norms = 2 * layers + 1 + (2 * layers if qk_norms else 0)
         return cls(
-            layers=config.num_hidden_layers,
+            layers=layers,
             hidden=config.hidden_size,
             kv_width=kv_heads * head_dim,
             intermediate=config.intermediate_size,
             vocab=model.get_output_embeddings().weight.shape[0],
             dtype_bytes=model.dtype.itemsize,
             # 3 only if every layer's MLP is fused: an estimate that must stay an upper bound.
-            mlp_tensors=3 if fused_mlps(model) >= config.num_hidden_layers else 4,
+            mlp_tensors=2 if fused_mlps(model) >= layers else 4,
+            norms_fused=fused_norms(model) >= norms,
+            heads=heads,
+            head_dim=head_dim,
+            qk_norms=qk_norms,
         )
 
-    def layer_bytes_per_token(self) -> int:
-        b, h = self.dtype_bytes, self.hidden
-        mlp = self.mlp_tensors * self.intermediate
-        return b * (6 * h + 2 * self.kv_width + mlp) + 16 * h
+    @property
+    def q_width(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    def layer_bytes_per_token(self, shares_rows: bool = True, checkpointed: bool = False) -> int:
+        b, h, q, k = self.dtype_bytes, self.hidden, self.q_width, self.kv_width
+        kv = q if shares_rows else k
+        mlp = self.mlp_tensors + (1 if checkpointed and self.mlp_tensors == 2 else 0)
+        per_token = b * (5 * h + q + 2 * kv + mlp * self.intermediate)
+        per_token += 4 * self.heads + (2 * 4 if self.norms_fused else 2 * 4 * h)
+        if self.qk_norms:
+            kv_heads = k // (self.head_dim or self.hidden // self.heads)
+            if self.norms_fused:
+                per_token += b * (q + k) + 4 * (self.heads + kv_heads)
+            else:
+                per_token += (4 + b) * (q + k)
+        return per_token
 
 
 def step_bytes(
@@ -93,18 +127,19 @@ def step_bytes(
 ) -> int:
     """What a forward + backward of `batch` holds at its peak (see the module docstring)."""
     tokens = batch.input_ids.numel()  # the padding at the rows' ends is computed too
-    per_layer = shape.layer_bytes_per_token()
+    per_layer = shape.layer_bytes_per_token(batch.shares_rows, checkpoint_layers)
     if checkpoint_layers:
         activations = shape.layers * tokens * shape.dtype_bytes * shape.hidden
         activations += tokens * per_layer
     else:
         activations = shape.layers * tokens * per_layer
+    around = tokens * (2 * shape.dtype_bytes * shape.hidden + 8 * (shape.q_width // shape.heads))
     rows, width = batch.input_ids.shape
-    attention = rows * width * width
-    chunk = min(batch.num_tokens, chunk_tokens_for(shape.vocab))
+    attention = rows * width * width * shape.dtype_bytes if batch.shares_rows else 0
+    chunk = min(batch.num_tokens, chunk_tokens_for(shape.vocab, batch.input_ids.device))
     logits = chunk * shape.vocab * 4 * 3
     lora = shape.layers * tokens * 7 * 4 * (lora_rank or 0)  # 7 adapted projections a layer
-    return activations + attention + logits + lora
+    return activations + around + attention + logits + lora
 
 
 def trainable_parameters(model: nn.Module, lora: LoraConfig | None) -> int:

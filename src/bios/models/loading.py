@@ -32,6 +32,7 @@ from bios.errors import NotFoundError
 from bios.fsutil import atomic_folder, remove_stale_staging
 from bios.models.catalog import ModelSpec, lookup, spec_from_config
 from bios.models.gguf import PROVENANCE, convert_gguf_to_folder
+from bios.models.rms_norm import fuse_rms_norms
 from bios.models.swiglu import fuse_swiglu_mlps
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -259,7 +260,9 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **options)
     model.eval()
     model.requires_grad_(False)
-    fuse_swiglu_mlps(model)  # for the model's life: checkpointing recomputes layers later
+    # For the model's life: checkpointing recomputes layers later.
+    fuse_swiglu_mlps(model)
+    fuse_rms_norms(model)
     spec = lookup(name)
     if spec is None or spec.hidden_size != model.config.get_text_config().hidden_size:
         spec = spec_from_config(name, model.config, sum(p.numel() for p in model.parameters()))

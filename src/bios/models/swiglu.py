@@ -1,5 +1,5 @@
-"""The SwiGLU MLP of Llama, Qwen2 and Qwen3 with one fewer (tokens × intermediate) tensor kept for
-the backward pass.
+"""The SwiGLU MLP of Llama, Qwen2 and Qwen3 with two (tokens × intermediate) tensors kept for the
+backward pass instead of four.
 
 Their MLP is down(silu(g) · u) with g = gate(x), u = up(x), silu(g) = g · σ(g). Autograd of the
 plain expression keeps g (SiLU's input), silu(g) and u (the product's operands), and down's LoRA
@@ -10,11 +10,21 @@ and recomputes the rest in the backward pass:
     du = grad · silu(g)
     dg = grad · u · σ(g) · (1 + g · (1 − σ(g)))      (silu'(g) = σ(g) + g · σ(g) · (1 − σ(g)))
 
-Measured on SmolLM2-135M, float32, a LoRA r32 step of 8 × 256 tokens: autograd saves 2040 MiB
-instead of 2400 (one 12 MiB tensor a layer, 30 layers), and the step's peak RSS falls by as much
-(3219 MiB instead of 3580, with glibc's mmap threshold fixed; its default threshold makes the peak
-vary by a few hundred MiB from run to run). The price is one SiLU pass over g per layer in the
-backward; the step took as long (29-31 s either way, one thread).
+The product itself is kept only for the down projection's LoRA factor (or, in full fine-tuning,
+its weight): the gradient of A in B·A·p needs p. While `down_proj` runs, saved-tensor hooks keep
+any view of the product autograd saves as a recipe (gate and up, which `SiLUMul` keeps anyway,
+and the view's geometry) and recompute it, bit for bit, when the backward reads it: two
+(tokens × intermediate) tensors a layer instead of four, for one more SiLU and product per layer
+in the backward. Checkpointed layers keep the product (`products_kept`): a recipe would hold gate
+and up, which checkpointing drops, and the recomputation must save what the forward saved.
+
+Measured on SmolLM2-135M, float32, a LoRA r32 step of 8 × 256 tokens, with `SiLUMul` alone (the
+product still kept): autograd saves 2040 MiB instead of 2400 (one 12 MiB tensor a layer, 30
+layers), and the step's peak RSS falls by as much (3219 MiB instead of 3580, with glibc's mmap
+threshold fixed; its default threshold makes the peak vary by a few hundred MiB from run to run).
+The price is one SiLU pass over g per layer in the backward; the step took as long (29-31 s
+either way, one thread). Recomputing the product removes one more such tensor a layer (in bf16,
+6 MiB a layer of that step).
 
 Numerics: the forward is `F.silu(g) * u` itself, so its values are the plain ones bit for bit.
 The backward runs the kernels autograd runs for the plain expression: du recomputes silu(g) with
@@ -37,6 +47,9 @@ while decoding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 
 import torch
@@ -86,12 +99,67 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class _Product:
+    """What the graph keeps in place of (a view of) the product: its operands and the view."""
+
+    __slots__ = ("gate", "offset", "size", "stride", "up")
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, view: torch.Tensor) -> None:
+        self.gate, self.up = gate, up
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+    def recompute(self) -> torch.Tensor:
+        # The forward's expression on the same operands: the same bytes, in the same layout.
+        return (F.silu(self.gate) * self.up).as_strided(self.size, self.stride, self.offset)
+
+
+_products_recomputed: ContextVar[bool] = ContextVar("bios_products_recomputed", default=True)
+
+
+@contextmanager
+def products_kept() -> Iterator[None]:
+    """Inside this block the down projection's input is kept, not recomputed: for checkpointed
+    layers, where a kept recipe would hold gate and up, which checkpointing drops."""
+    token = _products_recomputed.set(False)
+    try:
+        yield
+    finally:
+        _products_recomputed.reset(token)
+
+
+def _product_recomputed(product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """Saved-tensor hooks under which any view of `product` that autograd saves is kept as
+    `_Product` (gate and up, which `SiLUMul` keeps anyway) and recomputed when read."""
+    storage = product.untyped_storage().data_ptr()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor | _Product:
+        if tensor.dtype == product.dtype and tensor.untyped_storage().data_ptr() == storage:
+            return _Product(gate, up, tensor)
+        return tensor
+
+    def unpack(saved: torch.Tensor | _Product) -> torch.Tensor:
+        return saved.recompute() if isinstance(saved, _Product) else saved
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 def _swiglu_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # The module is an argument of a `partial`, not a closure: `copy.deepcopy` of the model
     # copies the partial's arguments through its memo, so a copy's forward calls the copy.
     # `fusable` admits SiLU activations only, so `silu_mul`'s plain product (its path without
     # gradients) is the class's own `act_fn(gate) * up`.
-    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+    gate, up = module.gate_proj(x), module.up_proj(x)
+    product = silu_mul(gate, up)
+    recompute = (
+        product.requires_grad
+        and gate.shape == up.shape
+        and product.numel() > 0
+        and _products_recomputed.get()
+    )
+    if not recompute:
+        return module.down_proj(product)
+    with _product_recomputed(product, gate, up):
+        return module.down_proj(product)
 
 
 def fusable(module: nn.Module) -> bool:
