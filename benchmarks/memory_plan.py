@@ -30,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bios.engine.batch import pack_sequences
 from bios.engine.memory import GIB, Shape, run_bytes, step_bytes, trainable_parameters
+from bios.models.rms_norm import fuse_rms_norms
 from bios.models.swiglu import fuse_swiglu_mlps
 from bios.types import LoraConfig
 
@@ -56,7 +57,10 @@ LORA = LoraConfig(rank=RANK)
 def meta_model(shape: dict) -> torch.nn.Module:
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**shape, torch_dtype=torch.bfloat16))
-    fuse_swiglu_mlps(model)  # as `load_model` gives it to the engine: the planner counts 3i
+    # As `load_model` gives it to the engine: the planner counts the MLP's 2i and the norms'
+    # scales only.
+    fuse_swiglu_mlps(model)
+    fuse_rms_norms(model)
     return model.to(torch.bfloat16)
 
 
