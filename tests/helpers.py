@@ -1,4 +1,5 @@
-"""Test helpers: random data for each objective, reference logprobs, state fingerprints."""
+"""Test helpers: random data for each objective, reference logprobs, state fingerprints, a LoRA
+step with what autograd saved."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from bios.engine.batch import pack_batch, resolve_objective
+from bios.engine.forward import target_logprobs
 from bios.engine.runs import TrainingRun
-from bios.types import Datum, ModelInput
+from bios.models.lora import AdapterHost, LoRAAdapter
+from bios.types import Datum, LoraConfig, ModelInput
 
 
 def random_datum(
@@ -71,3 +75,32 @@ def saved_storages(held: Iterable[torch.Tensor]) -> Iterator[dict[int, int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield seen
+
+
+def lora_step(
+    model: torch.nn.Module,
+    checkpoint_layers: bool = False,
+    seed: int = 0,
+    lengths: tuple[int, ...] = (60, 30, 90, 45),
+) -> tuple:
+    """A LoRA r4 forward + backward of packed random data (of a 384-token vocabulary): (logprobs,
+    gradients by factor, bytes of the distinct storages autograd saved, tokens computed)."""
+    host = AdapterHost(model)
+    adapter = LoRAAdapter.for_model(model, LoraConfig(rank=4, seed=seed))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # non-zero B: the adapters change every projection's output
+        for _name, factor, param in adapter.named_factors():
+            if factor == "lora_B":
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    data = [random_datum(384, n, "cross_entropy", generator) for n in lengths]
+    batch = pack_batch(data, resolve_objective("cross_entropy"), 384, 1 << 20)
+    coefficients = torch.randn(batch.num_tokens, generator=generator)
+    try:
+        held = [*model.parameters(), *adapter.parameters()]
+        with host.use(adapter), saved_storages(held) as seen:
+            logprobs = target_logprobs(model, batch, checkpoint_layers=checkpoint_layers)
+            (logprobs * coefficients).sum().backward()
+    finally:
+        host.remove()
+    grads = {f"{name}.{factor}": param.grad for name, factor, param in adapter.named_factors()}
+    return logprobs.detach(), grads, sum(seen.values()), batch.input_ids.numel()

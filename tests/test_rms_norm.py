@@ -13,17 +13,12 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from bios.engine.batch import pack_batch, resolve_objective
-from bios.engine.forward import target_logprobs
 from bios.engine.fused_norms import fused_rms_norms
 from bios.models.loading import load_model
-from bios.models.lora import AdapterHost, LoRAAdapter
 from bios.models.rms_norm import RMSNormFunction, fuse_rms_norms, fused_norms, is_fused, rms_norm
-from bios.types import LoraConfig
-from helpers import random_datum, saved_storages
+from helpers import lora_step
 
 FAMILIES = ("llama", "qwen2", "qwen3")
-LENGTHS = (60, 30, 90, 45)
 EPS = 1e-6
 
 
@@ -115,30 +110,6 @@ def model_pairs(tiny_models) -> dict[str, tuple[torch.nn.Module, torch.nn.Module
                 del module.forward
         pairs[family] = (plain, fused)
     return pairs
-
-
-def lora_step(model, seed: int = 0):
-    """A LoRA r4 forward + backward of packed random data: (logprobs, gradients by factor,
-    bytes of the distinct storages autograd saved, tokens computed)."""
-    host = AdapterHost(model)
-    adapter = LoRAAdapter.for_model(model, LoraConfig(rank=4, seed=seed))
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # non-zero B: the adapters change every projection's output
-        for _name, factor, param in adapter.named_factors():
-            if factor == "lora_B":
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    data = [random_datum(384, n, "cross_entropy", generator) for n in LENGTHS]
-    batch = pack_batch(data, resolve_objective("cross_entropy"), 384, 1 << 20)
-    coefficients = torch.randn(batch.num_tokens, generator=generator)
-    try:
-        held = [*model.parameters(), *adapter.parameters()]
-        with host.use(adapter), saved_storages(held) as seen:
-            logprobs = target_logprobs(model, batch)
-            (logprobs * coefficients).sum().backward()
-    finally:
-        host.remove()
-    grads = {f"{name}.{factor}": param.grad for name, factor, param in adapter.named_factors()}
-    return logprobs.detach(), grads, sum(seen.values()), batch.input_ids.numel()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -20,17 +20,12 @@ from transformers import (
     MistralForCausalLM,
 )
 
-from bios.engine.batch import pack_batch, resolve_objective
-from bios.engine.forward import target_logprobs
 from bios.models.loading import load_model
-from bios.models.lora import AdapterHost, LoRAAdapter
 from bios.models.rms_norm import fuse_rms_norms
 from bios.models.swiglu import SiLUMul, fuse_swiglu_mlps, fused_mlps, is_fused, silu_mul
-from bios.types import LoraConfig
-from helpers import random_datum, saved_storages
+from helpers import lora_step, saved_storages
 
 FAMILIES = ("llama", "qwen2", "qwen3")
-LENGTHS = (60, 30, 90, 45)
 
 
 def operands(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,30 +120,6 @@ def steps(model_pairs):
         return cache[key]
 
     return step
-
-
-def lora_step(model, checkpoint_layers: bool, seed: int = 0):
-    """A LoRA r4 forward + backward of packed random data: (logprobs, gradients by factor,
-    bytes of the distinct storages autograd saved, tokens computed)."""
-    host = AdapterHost(model)
-    adapter = LoRAAdapter.for_model(model, LoraConfig(rank=4, seed=seed))
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # non-zero B: the adapters change every projection's output
-        for _name, factor, param in adapter.named_factors():
-            if factor == "lora_B":
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    data = [random_datum(384, n, "cross_entropy", generator) for n in LENGTHS]
-    batch = pack_batch(data, resolve_objective("cross_entropy"), 384, 1 << 20)
-    coefficients = torch.randn(batch.num_tokens, generator=generator)
-    try:
-        held = [*model.parameters(), *adapter.parameters()]
-        with host.use(adapter), saved_storages(held) as seen:
-            logprobs = target_logprobs(model, batch, checkpoint_layers=checkpoint_layers)
-            (logprobs * coefficients).sum().backward()
-    finally:
-        host.remove()
-    grads = {f"{name}.{factor}": param.grad for name, factor, param in adapter.named_factors()}
-    return logprobs.detach(), grads, sum(seen.values()), batch.input_ids.numel()
 
 
 def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:

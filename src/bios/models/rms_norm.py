@@ -37,13 +37,13 @@ Without gradients (decoding, evaluation) it is the class's own expression and ke
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+from bios.models.instance_forward import install, runs
 
 RMS_NORMS = (LlamaRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm)
 
@@ -99,8 +99,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def _rms_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # The module is an argument of a `partial` so that `copy.deepcopy` of the model calls the
-    # copy's own weight (see `bios.models.swiglu`).
+    # Installed with `bios.models.instance_forward`: a deep copy of the model calls its own weight.
     weight, eps = module.weight, module.variance_epsilon
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return RMSNormFunction.apply(x, weight, eps)
@@ -109,13 +108,7 @@ def _rms_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def is_fused(module: nn.Module) -> bool:
     """Whether `module` runs `_rms_norm_forward` on itself (installed by `fuse_rms_norms`)."""
-    forward = module.__dict__.get("forward")
-    return (
-        isinstance(forward, partial)
-        and forward.func is _rms_norm_forward
-        and len(forward.args) == 1
-        and forward.args[0] is module
-    )
+    return runs(module, _rms_norm_forward)
 
 
 def fuse_rms_norms(model: nn.Module) -> int:
@@ -124,7 +117,7 @@ def fuse_rms_norms(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module) in RMS_NORMS:
-            module.forward = partial(_rms_norm_forward, module)
+            install(module, _rms_norm_forward)
             count += 1
     return count
 

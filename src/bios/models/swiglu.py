@@ -50,7 +50,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +58,8 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+
+from bios.models.instance_forward import install, runs
 
 # Exactly these classes: their forward is down(act(gate(x)) · up(x)); a subclass or another
 # family's MLP may compute something else under the same attribute names.
@@ -144,8 +145,7 @@ def _product_recomputed(product: torch.Tensor, gate: torch.Tensor, up: torch.Ten
 
 
 def _swiglu_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # The module is an argument of a `partial`, not a closure: `copy.deepcopy` of the model
-    # copies the partial's arguments through its memo, so a copy's forward calls the copy.
+    # Installed with `bios.models.instance_forward`: a deep copy of the model calls its own MLP.
     # `fusable` admits SiLU activations only, so `silu_mul`'s plain product (its path without
     # gradients) is the class's own `act_fn(gate) * up`.
     gate, up = module.gate_proj(x), module.up_proj(x)
@@ -169,13 +169,7 @@ def fusable(module: nn.Module) -> bool:
 
 def is_fused(module: nn.Module) -> bool:
     """Whether `module` runs `_swiglu_forward` on itself (installed by `fuse_swiglu_mlps`)."""
-    forward = module.__dict__.get("forward")
-    return (
-        isinstance(forward, partial)
-        and forward.func is _swiglu_forward
-        and len(forward.args) == 1
-        and forward.args[0] is module
-    )
+    return runs(module, _swiglu_forward)
 
 
 def fuse_swiglu_mlps(model: nn.Module) -> int:
@@ -184,7 +178,7 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if fusable(module):
-            module.forward = partial(_swiglu_forward, module)
+            install(module, _swiglu_forward)
             count += 1
     return count
 
