@@ -95,7 +95,7 @@ class Shape:
             intermediate=config.intermediate_size,
             vocab=model.get_output_embeddings().weight.shape[0],
             dtype_bytes=model.dtype.itemsize,
-            # 3 only if every layer's MLP is fused: an estimate that must stay an upper bound.
+            # 2 only if every layer's MLP is fused: an estimate that must stay an upper bound.
             mlp_tensors=2 if fused_mlps(model) >= layers else 4,
             norms_fused=fused_norms(model) >= norms,
             heads=heads,
