@@ -22,7 +22,13 @@ from bios.engine.batch import (
     row_width,
 )
 from bios.engine.engine import Engine
-from bios.engine.forward import batch_logits, chunk_tokens_for, gather_logprobs, target_logprobs
+from bios.engine.forward import (
+    batch_logits,
+    chunk_tokens_for,
+    gather_logprobs,
+    logprobs_and_logits_grad,
+    target_logprobs,
+)
 from bios.errors import InvalidInputError
 from bios.objectives import linear_coefficients
 from bios.types import Datum, ModelInput
@@ -151,6 +157,21 @@ def test_packed_logprobs_and_gradients_equal_each_sequence_alone(
         assert float((packed_grads[name] - grad).abs().max()) <= 1e-5 * scale, name
 
 
+# Gradients norm-wise within 2e-6 (logprobs and losses within 1e-6). A 4-token chunk's GEMMs
+# round differently from one GEMM over all tokens, and how much depends on the CPU's kernels: on
+# a Xeon with AVX-512 and AMX, oneDNN's (M × 1000) @ (1000 × 32) products in transposed layouts
+# (the lm_head LoRA factor's backward) change with M by up to 4.8e-7 of the largest entry, and
+# the chunked gradients differ from the unchunked ones by up to 1.17e-6 norm-wise through two
+# layers (within 1e-6 of the largest entry on the AMD EPYCs this ran on before).
+GRADIENT_TOLERANCE = 2e-6
+
+
+def gradient_error(grad: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖grad − reference‖ / max(‖reference‖, 1)."""
+    difference = float(torch.linalg.vector_norm(grad - reference))
+    return difference / max(float(torch.linalg.vector_norm(reference)), 1.0)
+
+
 OBJECTIVE_CASES = [
     ("cross_entropy", "cross_entropy", {}),
     ("importance_sampling", "importance_sampling", {}),
@@ -183,7 +204,7 @@ def with_reference(data: list[Datum], seed: int) -> list[Datum]:
 def test_chunked_loss_equals_full_logits(loss_fn, data_kind, config, tiny_models, session_engine):
     """Every built-in objective and a combination: the chunked unembedding (chunks of 4 tokens,
     so every sequence spans several) gives the full-logits path's logprobs and loss within 1e-6
-    and gradients within 1e-6 of each gradient tensor's largest entry, in float32."""
+    and gradients within GRADIENT_TOLERANCE, in float32."""
     service = ServiceClient(engine=session_engine)
     client = perturbed_client(service, session_engine, tiny_models["qwen3"], seed=4)
     run = session_engine.run(client.model_id)
@@ -211,10 +232,7 @@ def test_chunked_loss_equals_full_logits(loss_fn, data_kind, config, tiny_models
     torch.testing.assert_close(loss_chunk, loss_full, atol=1e-6, rtol=1e-6)
     assert any(g.abs().sum() > 0 for g in g_full.values())
     for name, grad in g_full.items():
-        # Norm-wise: a sum over tokens taken in chunks rounds differently from one GEMM, so
-        # entries of a gradient whose largest is ~200 differ by ~1e-6 absolute.
-        scale = float(grad.abs().max())
-        assert float((g_chunk[name] - grad).abs().max()) <= 1e-6 * max(scale, 1.0), name
+        assert gradient_error(g_chunk[name], grad) <= GRADIENT_TOLERANCE, name
 
 
 LINEAR_CASES = [
@@ -232,8 +250,8 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
 ):
     """A linear objective's ∂L/∂logprobs is known before the forward: the unembedding's backward
     then runs chunk by chunk inside it. Logprobs, loss and every gradient (the LoRA factors of
-    lm_head among them) equal the full-logits path's within 1e-6, in float32; the Run's own
-    step takes this path and gives the same gradients."""
+    lm_head among them) equal the full-logits path's within 1e-6 (gradients: GRADIENT_TOLERANCE),
+    in float32; the Run's own step takes this path and gives the same gradients."""
     service = ServiceClient(engine=session_engine)
     client = perturbed_client(service, session_engine, tiny_models[family], seed=5)
     run = session_engine.run(client.model_id)
@@ -276,8 +294,40 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
     assert any("lm_head" in name and g.abs().sum() > 0 for name, g in g_full.items())
     for grads in (g_known, results["engine"][2]):
         for name, grad in g_full.items():
-            scale = float(grad.abs().max())
-            assert float((grads[name] - grad).abs().max()) <= 1e-6 * max(scale, 1.0), name
+            assert gradient_error(grads[name], grad) <= GRADIENT_TOLERANCE, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_logits_gradient_in_place_is_autograds(dtype, soft):
+    """The known-gradient path's ∂L/∂logits, computed over the one-hot gradient's own buffer,
+    is bit for bit what autograd's backward through float32 log-softmax and gather gives, with
+    one target or K soft targets per position (a target listed twice counts twice)."""
+    generator = torch.Generator().manual_seed(11)
+    logits = (3 * torch.randn(37, 500, generator=generator)).to(dtype)
+    if soft:
+        targets = torch.randint(0, 500, (37, 4), generator=generator)
+        targets[:, 3] = targets[:, 0]
+        grads = -torch.rand(37, 4, generator=generator)
+    else:
+        targets = torch.randint(0, 500, (37,), generator=generator)
+        grads = -torch.rand(37, generator=generator)
+    leaf = logits.clone().requires_grad_()
+    log_softmax = leaf.float().log_softmax(dim=-1)
+    expected = log_softmax.gather(-1, targets if soft else targets[:, None])
+    expected = expected if soft else expected[:, 0]
+    (expected_grad,) = torch.autograd.grad(expected, leaf, grads)
+
+    logprobs, logits_grad = logprobs_and_logits_grad(logits, targets, grads)
+    assert logits_grad.dtype == dtype and logprobs.shape == targets.shape
+    assert torch.equal(logprobs, expected.detach())
+    assert torch.equal(logits_grad, expected_grad)
+    # and by hand: Σ_k g_k·e_{y_k} − (Σ_k g_k)·softmax(z), within the gradient dtype's rounding
+    index, per_target = (targets, grads) if soft else (targets[:, None], grads[:, None])
+    by_hand = -per_target.sum(-1, keepdim=True) * logits.float().softmax(-1)
+    by_hand.scatter_add_(-1, index, per_target)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(logits_grad.float(), by_hand, atol=tolerance, rtol=tolerance)
 
 
 def test_unembedding_backward_refuses_another_gradient(tiny_models, session_engine):

@@ -40,6 +40,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bios.engine.batch import PackedBatch
+from bios.models.attention import compute_dtype as attention_compute_dtype
+from bios.models.attention import uses_attention
 from bios.models.swiglu import products_kept
 
 # Bytes of float32 logits a chunk may hold (its gradient and log-softmax are as large again).
@@ -68,17 +70,25 @@ def model_inputs(model: nn.Module, batch: PackedBatch) -> dict[str, torch.Tensor
     Rows that hold one sequence each (equal lengths, or data too long to share) need no mask:
     the plain causal mask is exact, as a right-padded batch always was, and SDPA then takes its
     causal fast path instead of a masked one. Rows that share get the block-diagonal mask and the
-    restarting position ids. The mask is additive, in the model's dtype, for SDPA as for eager
-    attention: SDPA converts a boolean mask to that form in every layer and each layer's backward
-    keeps its own copy (rows × length² × 4 bytes a layer); one additive mask is shared by all."""
+    restarting position ids. The mask is additive, in the dtype attention computes in, for SDPA
+    as for eager attention: SDPA converts a boolean mask to that form in every layer and each
+    layer's backward keeps its own copy (rows × length² × 4 bytes a layer), and so would a cast
+    in every layer; one additive mask is shared by all."""
     if not batch.shares_rows:
         return {"input_ids": batch.input_ids}
-    mask = batch.attention_mask(model.dtype)
+    mask = batch.attention_mask(attention_dtype(model))
     return {
         "input_ids": batch.input_ids,
         "position_ids": batch.position_ids,
         "attention_mask": mask,
     }
+
+
+def attention_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype `model`'s attention scores are computed in (`bios.models.attention`)."""
+    if uses_attention(model):
+        return attention_compute_dtype(model.dtype, model.device)
+    return model.dtype
 
 
 def can_chunk(model: nn.Module) -> bool:
@@ -113,6 +123,31 @@ def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _logprobs_of(head(hidden), targets)
+
+
+@torch.no_grad()
+def logprobs_and_logits_grad(
+    logits: torch.Tensor, targets: torch.Tensor, logprob_grads: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target logprobs of a chunk of logits z, and ∂L/∂z for a known g = ∂L/∂logprobs:
+
+        logp_t = log_softmax(z_t)[y_t]        ∂L/∂z_t = G_t − (Σ_v G_tv)·softmax(z_t),
+
+    G_t = Σ_k g_tk·e_{y_tk} (K soft targets y_t1…y_tK per position, or one). Autograd's own
+    float32 kernels, so the gradient is the one a backward through the log-softmax gives, bit for
+    bit, with fewer buffers: the log-softmax backward writes over the one-hot G it reads (each
+    element is read before it is written), where autograd allocates its output apart; for a
+    chunk of SmolLM2's 49k vocabulary each buffer is tens of megabytes, freshly faulted in. The
+    gradient comes back in the logits' dtype, as the cast's backward would give it."""
+    index = targets if targets.dim() == 2 else targets[:, None]
+    grads = logprob_grads if logprob_grads.dim() == 2 else logprob_grads[:, None]
+    log_softmax = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = log_softmax.gather(-1, index)
+    gradient = torch.zeros_like(log_softmax).scatter_add_(-1, index, grads)
+    torch.ops.aten._log_softmax_backward_data.out(
+        gradient, log_softmax, -1, torch.float32, out=gradient
+    )
+    return logprobs.view(targets.shape), gradient.to(logits.dtype)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -211,13 +246,14 @@ def _logprobs_with_known_gradient(
     leaf_grads: list[torch.Tensor] = []
     for start in range(0, len(targets), size):
         piece = hidden[start : start + size].detach().requires_grad_()
-        logprobs = _chunk_logprobs(head, piece, targets[start : start + size])
+        logits = head(piece)
         if start == 0:  # every chunk runs the same head, so it reaches the same leaves
-            leaves = [leaf for leaf in graph_leaves(logprobs) if leaf is not piece]
-        piece_grad, *grads = torch.autograd.grad(
-            logprobs, [piece, *leaves], grad_outputs=logprob_grads[start : start + size]
+            leaves = [leaf for leaf in graph_leaves(logits) if leaf is not piece]
+        logprobs, logits_grad = logprobs_and_logits_grad(
+            logits, targets[start : start + size], logprob_grads[start : start + size]
         )
-        values.append(logprobs.detach())
+        piece_grad, *grads = torch.autograd.grad(logits, [piece, *leaves], grad_outputs=logits_grad)
+        values.append(logprobs)
         hidden_grads.append(piece_grad)
         if start == 0:
             leaf_grads = grads

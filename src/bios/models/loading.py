@@ -30,6 +30,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from bios.errors import NotFoundError
 from bios.fsutil import atomic_folder, remove_stale_staging
+from bios.models.attention import register
 from bios.models.catalog import ModelSpec, lookup, spec_from_config
 from bios.models.gguf import PROVENANCE, convert_gguf_to_folder
 from bios.models.rms_norm import fuse_rms_norms
@@ -255,7 +256,9 @@ def load_model(
     if device is not None and torch.device(device).type != "cpu":
         options["device_map"] = {"": torch.device(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **options)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=register(), **options
+        )
     except (ValueError, ImportError):  # an architecture without an SDPA implementation
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **options)
     model.eval()

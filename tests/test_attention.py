@@ -1,0 +1,134 @@
+"""Bios's attention function (`bios.models.attention`) against transformers' SDPA attention and
+a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from bios.models.attention import attention_forward, uses_attention
+from bios.models.loading import load_model
+from bios.models.rms_norm import fuse_rms_norms
+from bios.models.swiglu import fuse_swiglu_mlps
+from tiny_models import FAMILIES
+
+
+class Module(torch.nn.Module):
+    """What an attention function reads of its module."""
+
+    is_causal = True
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+def block_diagonal(lengths: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, T, T) additive mask: causal within each sequence, nothing across."""
+    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    causal = torch.ones(len(segments), len(segments), dtype=torch.bool).tril()
+    allowed = (segments[:, None] == segments[None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def reference(q, k, v, mask, groups):
+    """softmax(q·kᵀ/√d + mask)·v in float64, each key/value head repeated for its group."""
+    k, v = (x.double().repeat_interleave(groups, dim=1) for x in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores + mask.double()
+    else:
+        length = q.shape[2]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected))
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["block-diagonal", "causal"])
+def test_bf16_attention_computes_in_float32(masked):
+    """A bf16 prompt on the CPU: the float32 computation on the same inputs, rounded once to
+    bf16 at the end, grouped-query heads without copies; values and gradients within bf16's
+    rounding of the float64 reference."""
+    generator = torch.Generator().manual_seed(3)
+    groups, lengths = 3, [7, 12, 5]
+    shape = (2, 2, sum(lengths), 64)
+    k, v = (torch.randn(*shape, generator=generator).bfloat16() for _ in range(2))
+    q = torch.randn(2, 2 * groups, sum(lengths), 64, generator=generator).bfloat16()
+    mask = block_diagonal(lengths, torch.float32) if masked else None
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+
+    output, weights = attention_forward(Module(groups), *leaves, mask)
+    assert weights is None and output.dtype == torch.bfloat16
+    assert output.shape == (2, sum(lengths), 2 * groups, 64)
+    in_float32 = F.scaled_dot_product_attention(
+        q.float(),
+        k.float().repeat_interleave(groups, dim=1),
+        v.float().repeat_interleave(groups, dim=1),
+        attn_mask=mask,
+        is_causal=mask is None,
+    )
+    torch.testing.assert_close(output, in_float32.bfloat16().transpose(1, 2), atol=0, rtol=0)
+
+    expected = reference(q, k, v, mask, groups)
+    assert relative_error(output, expected) < 4e-3  # bf16: 8 significant bits
+    cotangent = torch.randn(output.shape, generator=generator).bfloat16()
+    grads = torch.autograd.grad(output, leaves, cotangent)
+    references = [x.double().requires_grad_() for x in (q, k, v)]
+    expected_grads = torch.autograd.grad(
+        reference(*references, mask, groups), references, cotangent.double()
+    )
+    for name, grad, expected_grad in zip("qkv", grads, expected_grads, strict=True):
+        assert grad.dtype == torch.bfloat16 and grad.shape == expected_grad.shape, name
+        assert relative_error(grad, expected_grad) < 1e-2, name
+
+
+def test_a_decoding_step_is_transformers_attention():
+    """One query (a decoding step) goes to transformers' own SDPA function, in the model's
+    dtype: the same bits as that function gives."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 6, 1, 64, generator=generator).bfloat16()
+    k, v = (torch.randn(1, 2, 9, 64, generator=generator).bfloat16() for _ in range(2))
+    ours, _ = attention_forward(Module(3), q, k, v, None)
+    theirs, _ = sdpa_attention_forward(Module(3), q, k, v, None)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_models_attend_as_transformers_does(family, tiny_models):
+    """Every model `load_model` gives attends through Bios's function; in float32 its logits on
+    packed rows (restarting positions, a block-diagonal mask) equal transformers' SDPA model's
+    bit for bit, and the gradients of a loss with respect to the input embeddings within 1e-6."""
+    folder = tiny_models[family]
+    ours = load_model(folder).model
+    theirs = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    fuse_swiglu_mlps(theirs)
+    fuse_rms_norms(theirs)
+    theirs.eval().requires_grad_(False)
+    assert uses_attention(ours) and not uses_attention(theirs)
+
+    lengths = [9, 14, 6]
+    generator = torch.Generator().manual_seed(7)
+    rows = torch.randint(3, 300, (1, sum(lengths)), generator=generator)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    mask = block_diagonal(lengths, torch.float32)
+    embeddings = ours.get_input_embeddings()(rows)
+    cotangent = torch.randn(1, sum(lengths), ours.config.vocab_size, generator=generator)
+    results = []
+    for model in (ours, theirs):
+        leaf = embeddings.clone().requires_grad_()
+        logits = model(inputs_embeds=leaf, position_ids=position_ids, attention_mask=mask).logits
+        (grad,) = torch.autograd.grad(logits, leaf, cotangent)
+        results.append((logits.detach(), grad))
+    (our_logits, our_grad), (their_logits, their_grad) = results
+    assert torch.equal(our_logits, their_logits)
+    assert relative_error(our_grad, their_grad) < 1e-6
