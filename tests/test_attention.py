@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from bios.models.attention import attention_forward, uses_attention
 from bios.models.loading import load_model
 from bios.models.rms_norm import fuse_rms_norms
 from bios.models.swiglu import fuse_swiglu_mlps
+from helpers import saved_storages
 from tiny_models import FAMILIES
 
 
@@ -52,28 +54,28 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected))
 
 
-@pytest.mark.parametrize("masked", [True, False], ids=["block-diagonal", "causal"])
-def test_bf16_attention_computes_in_float32(masked):
-    """A bf16 prompt on the CPU: the float32 computation on the same inputs, rounded once to
-    bf16 at the end, grouped-query heads without copies; values and gradients within bf16's
-    rounding of the float64 reference."""
+@pytest.mark.parametrize("boolean", [False, True], ids=["additive", "boolean"])
+def test_bf16_attention_computes_in_float32(boolean):
+    """A bf16 prompt with a mask on the CPU: the float32 computation on the same inputs, rounded
+    once to bf16 at the end, grouped-query heads without copies; values and gradients within
+    bf16's rounding of the float64 reference. A boolean mask is its additive form."""
     generator = torch.Generator().manual_seed(3)
     groups, lengths = 3, [7, 12, 5]
     shape = (2, 2, sum(lengths), 64)
     k, v = (torch.randn(*shape, generator=generator).bfloat16() for _ in range(2))
     q = torch.randn(2, 2 * groups, sum(lengths), 64, generator=generator).bfloat16()
-    mask = block_diagonal(lengths, torch.float32) if masked else None
+    mask = block_diagonal(lengths, torch.float32)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
 
-    output, weights = attention_forward(Module(groups), *leaves, mask)
+    given = mask == 0 if boolean else mask.bfloat16()  # as transformers or Bios would pass it
+    output, weights = attention_forward(Module(groups), *leaves, given)
     assert weights is None and output.dtype == torch.bfloat16
     assert output.shape == (2, sum(lengths), 2 * groups, 64)
     in_float32 = F.scaled_dot_product_attention(
         q.float(),
         k.float().repeat_interleave(groups, dim=1),
         v.float().repeat_interleave(groups, dim=1),
-        attn_mask=mask,
-        is_causal=mask is None,
+        attn_mask=mask == 0 if boolean else mask,
     )
     torch.testing.assert_close(output, in_float32.bfloat16().transpose(1, 2), atol=0, rtol=0)
 
@@ -90,17 +92,40 @@ def test_bf16_attention_computes_in_float32(masked):
         assert relative_error(grad, expected_grad) < 1e-2, name
 
 
-def test_a_decoding_step_is_transformers_attention():
-    """One query (a decoding step) goes to transformers' own SDPA function, in the model's
-    dtype: the same bits as that function gives."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def test_bf16_attention_keeps_its_inputs_and_output_in_bf16():
+    """What the backward keeps: q, k and v in bf16 at their own widths (no repeated heads, no
+    float32 copies), the output as returned (the tensor the output projection reads anyway),
+    the float32 log-sum-exp and the mask shared by every layer; nothing else."""
+    generator = torch.Generator().manual_seed(4)
+    lengths = [10, 6]
+    q = torch.randn(2, 6, 16, 64, generator=generator).bfloat16().requires_grad_()
+    k, v = (
+        torch.randn(2, 2, 16, 64, generator=generator).bfloat16().requires_grad_() for _ in range(2)
+    )
+    mask = block_diagonal(lengths, torch.float32)
+    with saved_storages([mask]) as seen:
+        output, _ = attention_forward(Module(3), q, k, v, mask)
+    kept = {q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()}
+    kept |= {v.untyped_storage().data_ptr(), output.untyped_storage().data_ptr()}
+    assert kept <= set(seen)
+    log_sum_exp = 2 * 6 * 16 * 4  # (batch, heads, length) float32
+    assert sum(seen.values()) == 2 * (q.numel() + k.numel() + v.numel() + output.numel()) + (
+        log_sum_exp
+    )
 
+
+@pytest.mark.parametrize("queries", [1, 9], ids=["decoding", "unmasked prompt"])
+def test_without_a_mask_or_for_one_query_it_is_transformers_attention(queries):
+    """One query (a decoding step, masked or not) or a causal prompt without a mask goes to
+    transformers' own SDPA function, in the model's dtype: the same bits as it gives."""
     generator = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 6, 1, 64, generator=generator).bfloat16()
+    q = torch.randn(1, 6, queries, 64, generator=generator).bfloat16()
     k, v = (torch.randn(1, 2, 9, 64, generator=generator).bfloat16() for _ in range(2))
-    ours, _ = attention_forward(Module(3), q, k, v, None)
-    theirs, _ = sdpa_attention_forward(Module(3), q, k, v, None)
-    assert torch.equal(ours, theirs)
+    masks = [None, torch.zeros(1, 1, 1, 9).bfloat16()] if queries == 1 else [None]
+    for mask in masks:
+        ours, _ = attention_forward(Module(3), q, k, v, mask)
+        theirs, _ = sdpa_attention_forward(Module(3), q, k, v, mask)
+        assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

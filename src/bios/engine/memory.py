@@ -12,9 +12,9 @@ head dim), k = the key/value width (kv heads × head dim), i = the MLP width, n 
                   (shared by q/k/v and gate/up) and of the output projection; q + 2k': rotated
                   q and k, and v, with k' = q where rows share (a mask makes transformers repeat
                   the key/value heads for SDPA) unless Bios's attention groups the heads itself
-                  (on the CPU, `bios.models.attention`), else k; a 16-bit model's attention on
-                  the CPU computes in float32 and keeps q, k, v and its output so: 4·(2q + 2k)
-                  in place of b·(q + 2k'); 4n: the attention's log-sum-exp; m·i:
+                  (on the CPU, `bios.models.attention`, which keeps them in the model's dtype
+                  even where it computes in float32), else k; 4n: the attention's log-sum-exp;
+                  m·i:
                   the MLP's gate and up, m = 2 where every layer's MLP is fused
                   (`bios.models.swiglu`, as `load_model` installs it on Llama, Qwen2 and Qwen3:
                   the product is recomputed for the backward; 3 in a checkpointed layer, which
@@ -51,7 +51,6 @@ from torch import nn
 from bios.engine.batch import PackedBatch
 from bios.engine.forward import chunk_tokens_for
 from bios.errors import InvalidInputError
-from bios.models.attention import compute_dtype as attention_compute_dtype
 from bios.models.attention import uses_attention
 from bios.models.lora import find_targets, target_names
 from bios.models.rms_norm import fused_norms
@@ -84,7 +83,6 @@ class Shape:
     head_dim: int = 0  # 0: hidden / heads
     qk_norms: bool = False  # per-head norms of q and k (Qwen3)
     grouped_kv: bool = False  # attention keeps k and v at their own width, with or without mask
-    attention_float32: bool = False  # a 16-bit model's attention keeps float32 q, k, v, output
 
     @classmethod
     def of(cls, model: nn.Module) -> Shape:
@@ -95,8 +93,6 @@ class Shape:
         layers = config.num_hidden_layers
         qk_norms = any(hasattr(module, "q_norm") for module in model.modules())
         norms = 2 * layers + 1 + (2 * layers if qk_norms else 0)
-        ours = uses_attention(model)
-        on_cpu = model.device.type == "cpu"
         return cls(
             layers=layers,
             hidden=config.hidden_size,
@@ -110,9 +106,7 @@ class Shape:
             heads=heads,
             head_dim=head_dim,
             qk_norms=qk_norms,
-            grouped_kv=ours and on_cpu,
-            attention_float32=ours
-            and attention_compute_dtype(model.dtype, model.device).itemsize > model.dtype.itemsize,
+            grouped_kv=uses_attention(model) and model.device.type == "cpu",
         )
 
     @property
@@ -123,8 +117,7 @@ class Shape:
         b, h, q, k = self.dtype_bytes, self.hidden, self.q_width, self.kv_width
         kv = q if shares_rows and not self.grouped_kv else k
         mlp = self.mlp_tensors + (1 if checkpointed and self.mlp_tensors == 2 else 0)
-        per_token = b * (5 * h + mlp * self.intermediate)
-        per_token += 4 * (2 * q + 2 * kv) if self.attention_float32 else b * (q + 2 * kv)
+        per_token = b * (5 * h + q + 2 * kv + mlp * self.intermediate)
         per_token += 4 * self.heads + (2 * 4 if self.norms_fused else 2 * 4 * h)
         if self.qk_norms:
             kv_heads = k // (self.head_dim or self.hidden // self.heads)

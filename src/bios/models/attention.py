@@ -1,22 +1,25 @@
-"""The attention function of every model Bios loads with SDPA: transformers' own, except where a
-prompt (more than one query) is attended on the CPU.
+"""The attention function of every model Bios loads with SDPA: transformers' own, except for a
+prompt (more than one query) with a mask — packed rows, `bios.engine.batch` — on the CPU.
 
 There, two things measure better than transformers' `sdpa_attention_forward` (a 2-core Xeon with
 AMX, torch 2.13, SmolLM2-135M's heads, 4 rows × 185 tokens with a block-diagonal mask, forward +
 backward of one layer):
 
-- **Float32 arithmetic for a bf16 model.** torch's CPU flash-attention backward in bf16 takes
-  3× as long as in float32 (20 ms against 7 ms); the casts cost far less than the difference,
-  and float32 softmax is the more accurate. The output is cast back to the model's dtype, so the
-  layers around see what they always saw. One rule for forward and backward alike, so a datum's
-  logprobs do not depend on whether a gradient is asked for.
+- **Float32 arithmetic for a bf16 model.** torch's CPU flash-attention backward with a mask in
+  bf16 takes 3× as long as in float32 (20 ms against 7 ms); the casts cost far less than the
+  difference, and float32 softmax is the more accurate. The output is cast back to the model's
+  dtype, so the layers around see what they always saw. The same in forward and backward, so a
+  datum's logprobs do not depend on whether a gradient is asked for. What the backward keeps
+  stays in the model's dtype (`CpuAttention`): the float32 copies are made again there.
 - **Grouped-query attention without copies.** With a mask, transformers repeats each key/value
   head for every query head it serves (`repeat_kv`) before SDPA; the CPU kernel takes the groups
-  itself (`enable_gqa`), with the same result bit for bit, and autograd keeps k and v at their
-  own width (a third of the queries' on SmolLM2) instead of the repeated copies.
+  itself, with the same result bit for bit, and autograd keeps k and v at their own width (a
+  third of the queries' on SmolLM2) instead of the repeated copies.
 
-Together: 10.7 ms for the layer's attention against 21.4 ms. On CUDA, and for one query (a
-decoding step), transformers' function runs unchanged: its bf16 kernels are the fast ones there.
+Together: 11 ms for the layer's attention against 19 ms. Without a mask (rows of one sequence
+each, `is_causal`) transformers already groups the heads, and its bf16 causal kernel is as fast
+as float32's there (8 × 256 tokens: 30 ms against 34 ms), so it runs unchanged, as on CUDA (whose
+bf16 kernels are the fast ones) and for one query (a decoding step).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -54,11 +56,11 @@ def attention_forward(
     """softmax(q·kᵀ·scaling + mask)·v over (batch, heads, length, head dim) inputs, returned as
     (batch, length, heads, head dim) in the query's dtype, as transformers' attention functions
     return it."""
-    q_length, kv_length = query.shape[2], key.shape[2]
     delegated = (
         query.device.type != "cpu"
-        or q_length == 1
-        or (attention_mask is None and kv_length != q_length)  # a prefill over a cache
+        or query.shape[2] == 1
+        or attention_mask is None
+        or dropout
         or any(kwargs.get(name) for name in ("position_bias", "softcap", "output_attentions"))
     )
     if delegated:
@@ -74,21 +76,65 @@ def attention_forward(
             **kwargs,
         )
     dtype = compute_dtype(query.dtype, query.device)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    mask = attention_mask
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(dtype)
-    output = F.scaled_dot_product_attention(
-        query.to(dtype),
-        key.to(dtype),
-        value.to(dtype),
-        attn_mask=mask,
-        dropout_p=dropout,
-        scale=scaling,
-        is_causal=mask is None and causal,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
-    return output.to(query.dtype).transpose(1, 2).contiguous(), None
+    if attention_mask.dtype == torch.bool:  # the additive form SDPA makes of a boolean mask
+        mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        mask.masked_fill_(~attention_mask, float("-inf"))
+    else:
+        mask = attention_mask.to(dtype)
+    return CpuAttention.apply(query, key, value, mask, scaling), None
+
+
+class CpuAttention(torch.autograd.Function):
+    """torch's CPU flash attention with an additive mask, in `compute_dtype`, keeping the inputs
+    in their own dtype and the output only as the (batch, length, heads, head dim) tensor the
+    output projection reads anyway: a bf16 SmolLM2 layer keeps 1.9 kB a token for its attention
+    where SDPA on float32 copies would keep 6.1 kB (and transformers' bf16 SDPA with repeated
+    heads 4.6 kB). The backward casts them again and runs the kernel's own backward; in bf16 it
+    reads the output as rounded to bf16 (as GPU flash attention in bf16 does), in float32 it is
+    autograd's of SDPA. Grouped-query heads are the kernel's (its key/value heads may be fewer)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float | None,
+    ) -> torch.Tensor:
+        dtype = compute_dtype(query.dtype, query.device)
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query.to(dtype),
+            key.to(dtype),
+            value.to(dtype),
+            attn_mask=mask,
+            scale=scale,
+        )
+        result = output.to(query.dtype).transpose(1, 2).contiguous()
+        ctx.save_for_backward(query, key, value, result, logsumexp, mask)
+        ctx.scale = scale
+        return result
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        query, key, value, result, logsumexp, mask = ctx.saved_tensors
+        dtype = compute_dtype(query.dtype, query.device)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.transpose(1, 2).to(dtype),
+            query.to(dtype),
+            key.to(dtype),
+            value.to(dtype),
+            result.transpose(1, 2).to(dtype),
+            logsumexp,
+            0.0,
+            False,
+            attn_mask=mask,
+            scale=ctx.scale,
+        )
+        grad_query, grad_key, grad_value = (
+            g.to(x.dtype) for g, x in zip(grads, (query, key, value), strict=True)
+        )
+        return grad_query, grad_key, grad_value, None, None
 
 
 def register() -> str:
