@@ -92,7 +92,8 @@ def test_bf16_attention_computes_in_float32(boolean):
         assert relative_error(grad, expected_grad) < 1e-2, name
 
 
-def test_bf16_attention_keeps_its_inputs_and_output_in_bf16():
+@pytest.mark.parametrize("masked", [True, False], ids=["block-diagonal", "causal"])
+def test_bf16_attention_keeps_its_inputs_and_output_in_bf16(masked):
     """What the backward keeps: q, k and v in bf16 at their own widths (no repeated heads, no
     float32 copies), the output as returned (the tensor the output projection reads anyway),
     the float32 log-sum-exp and the mask shared by every layer; nothing else."""
@@ -102,8 +103,8 @@ def test_bf16_attention_keeps_its_inputs_and_output_in_bf16():
     k, v = (
         torch.randn(2, 2, 16, 64, generator=generator).bfloat16().requires_grad_() for _ in range(2)
     )
-    mask = block_diagonal(lengths, torch.float32)
-    with saved_storages([mask]) as seen:
+    mask = block_diagonal(lengths, torch.float32) if masked else None
+    with saved_storages([] if mask is None else [mask]) as seen:
         output, _ = attention_forward(Module(3), q, k, v, mask)
     kept = {q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()}
     kept |= {v.untyped_storage().data_ptr(), output.untyped_storage().data_ptr()}
@@ -116,16 +117,21 @@ def test_bf16_attention_keeps_its_inputs_and_output_in_bf16():
 
 @pytest.mark.parametrize("queries", [1, 9], ids=["decoding", "unmasked prompt"])
 def test_without_a_mask_or_for_one_query_it_is_transformers_attention(queries):
-    """One query (a decoding step, masked or not) or a causal prompt without a mask goes to
-    transformers' own SDPA function, in the model's dtype: the same bits as it gives."""
+    """One query (a decoding step, masked or not) or a causal prompt without a mask: the same
+    bits as transformers' own SDPA function, in the model's dtype, values and gradients."""
     generator = torch.Generator().manual_seed(5)
     q = torch.randn(1, 6, queries, 64, generator=generator).bfloat16()
     k, v = (torch.randn(1, 2, 9, 64, generator=generator).bfloat16() for _ in range(2))
+    cotangent = torch.randn(1, queries, 6, 64, generator=generator).bfloat16()
     masks = [None, torch.zeros(1, 1, 1, 9).bfloat16()] if queries == 1 else [None]
     for mask in masks:
-        ours, _ = attention_forward(Module(3), q, k, v, mask)
-        theirs, _ = sdpa_attention_forward(Module(3), q, k, v, mask)
-        assert torch.equal(ours, theirs)
+        results = []
+        for function in (attention_forward, sdpa_attention_forward):
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            output, _ = function(Module(3), *leaves, mask)
+            results.append((output, *torch.autograd.grad(output, leaves, cotangent)))
+        for ours, theirs in zip(*results, strict=True):
+            assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

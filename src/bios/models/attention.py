@@ -1,5 +1,6 @@
 """The attention function of every model Bios loads with SDPA: transformers' own, except for a
-prompt (more than one query) with a mask — packed rows, `bios.engine.batch` — on the CPU.
+prompt (more than one query) on the CPU, above all one with a mask (packed rows,
+`bios.engine.batch`).
 
 There, two things measure better than transformers' `sdpa_attention_forward` (a 2-core Xeon with
 AMX, torch 2.13, SmolLM2-135M's heads, 4 rows × 185 tokens with a block-diagonal mask, forward +
@@ -16,10 +17,11 @@ backward of one layer):
   itself, with the same result bit for bit, and autograd keeps k and v at their own width (a
   third of the queries' on SmolLM2) instead of the repeated copies.
 
-Together: 11 ms for the layer's attention against 19 ms. Without a mask (rows of one sequence
-each, `is_causal`) transformers already groups the heads, and its bf16 causal kernel is as fast
-as float32's there (8 × 256 tokens: 30 ms against 34 ms), so it runs unchanged, as on CUDA (whose
-bf16 kernels are the fast ones) and for one query (a decoding step).
+Together: 11 ms for the layer's attention against 19 ms. Without a mask (causal rows of one
+sequence each) transformers already groups the heads, and its bf16 causal kernel is as fast as
+float32's (8 × 256 tokens: 30 ms against 34 ms): the same kernel runs, in the model's dtype, with
+the same bits, and only what is kept changes (the output once). On CUDA, for one query (a
+decoding step) and for a prefill over a cache without a mask, transformers' function runs as is.
 """
 
 from __future__ import annotations
@@ -56,10 +58,11 @@ def attention_forward(
     """softmax(q·kᵀ·scaling + mask)·v over (batch, heads, length, head dim) inputs, returned as
     (batch, length, heads, head dim) in the query's dtype, as transformers' attention functions
     return it."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     delegated = (
         query.device.type != "cpu"
         or query.shape[2] == 1
-        or attention_mask is None
+        or (attention_mask is None and (not causal or key.shape[2] != query.shape[2]))
         or dropout
         or any(kwargs.get(name) for name in ("position_bias", "softcap", "output_attentions"))
     )
@@ -75,23 +78,26 @@ def attention_forward(
             is_causal=is_causal,
             **kwargs,
         )
+    if attention_mask is None:  # causal rows of one sequence each: the model's dtype
+        return CpuAttention.apply(query, key, value, None, scaling, query.dtype), None
     dtype = compute_dtype(query.dtype, query.device)
     if attention_mask.dtype == torch.bool:  # the additive form SDPA makes of a boolean mask
         mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
         mask.masked_fill_(~attention_mask, float("-inf"))
     else:
         mask = attention_mask.to(dtype)
-    return CpuAttention.apply(query, key, value, mask, scaling), None
+    return CpuAttention.apply(query, key, value, mask, scaling, dtype), None
 
 
 class CpuAttention(torch.autograd.Function):
-    """torch's CPU flash attention with an additive mask, in `compute_dtype`, keeping the inputs
+    """torch's CPU flash attention in `dtype`, with an additive mask or causal, keeping the inputs
     in their own dtype and the output only as the (batch, length, heads, head dim) tensor the
     output projection reads anyway: a bf16 SmolLM2 layer keeps 1.9 kB a token for its attention
-    where SDPA on float32 copies would keep 6.1 kB (and transformers' bf16 SDPA with repeated
-    heads 4.6 kB). The backward casts them again and runs the kernel's own backward; in bf16 it
-    reads the output as rounded to bf16 (as GPU flash attention in bf16 does), in float32 it is
-    autograd's of SDPA. Grouped-query heads are the kernel's (its key/value heads may be fewer)."""
+    where SDPA on float32 copies would keep 6.1 kB, transformers' bf16 SDPA with repeated heads
+    4.6 kB, without them 3.1 kB. The backward casts them again and runs the kernel's own
+    backward: in the model's dtype it is autograd's of SDPA bit for bit; computing a bf16 model
+    in float32 it reads the output as rounded to bf16 (as GPU flash attention in bf16 does).
+    Grouped-query heads are the kernel's (its key/value heads may be fewer)."""
 
     @staticmethod
     def forward(
@@ -99,26 +105,27 @@ class CpuAttention(torch.autograd.Function):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         scale: float | None,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
-        dtype = compute_dtype(query.dtype, query.device)
         output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query.to(dtype),
             key.to(dtype),
             value.to(dtype),
+            is_causal=mask is None,
             attn_mask=mask,
             scale=scale,
         )
         result = output.to(query.dtype).transpose(1, 2).contiguous()
         ctx.save_for_backward(query, key, value, result, logsumexp, mask)
-        ctx.scale = scale
+        ctx.scale, ctx.dtype = scale, dtype
         return result
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, result, logsumexp, mask = ctx.saved_tensors
-        dtype = compute_dtype(query.dtype, query.device)
+        dtype = ctx.dtype
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad.transpose(1, 2).to(dtype),
             query.to(dtype),
@@ -127,14 +134,14 @@ class CpuAttention(torch.autograd.Function):
             result.transpose(1, 2).to(dtype),
             logsumexp,
             0.0,
-            False,
+            mask is None,
             attn_mask=mask,
             scale=ctx.scale,
         )
         grad_query, grad_key, grad_value = (
             g.to(x.dtype) for g, x in zip(grads, (query, key, value), strict=True)
         )
-        return grad_query, grad_key, grad_value, None, None
+        return grad_query, grad_key, grad_value, None, None, None
 
 
 def register() -> str:
