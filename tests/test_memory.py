@@ -37,7 +37,7 @@ def test_step_estimate_bounds_what_autograd_keeps(
 ):
     """The planned bytes are at least what a step keeps and at most twice it (measured: 1.1-1.2×
     without checkpointing); with checkpointing still at least what it keeps. In bf16 too, where
-    the attention on the CPU keeps its tensors in float32 (`bios.models.attention`)."""
+    the attention on the CPU computes in float32 and keeps bf16 (`bios.models.attention`)."""
     engine = session_engine if dtype == "fp32" else request.getfixturevalue("bf16_engine")
     service = ServiceClient(engine=engine)
     client = service.create_lora_training_client(tiny_models[family], rank=4, seed=0)
