@@ -40,8 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bios.engine.batch import PackedBatch
-from bios.models.attention import compute_dtype as attention_compute_dtype
-from bios.models.attention import uses_attention
+from bios.models.attention import mask_dtype
 from bios.models.swiglu import products_kept
 
 # Bytes of float32 logits a chunk may hold (its gradient and log-softmax are as large again).
@@ -76,19 +75,12 @@ def model_inputs(model: nn.Module, batch: PackedBatch) -> dict[str, torch.Tensor
     in every layer; one additive mask is shared by all."""
     if not batch.shares_rows:
         return {"input_ids": batch.input_ids}
-    mask = batch.attention_mask(attention_dtype(model))
+    mask = batch.attention_mask(mask_dtype(model))
     return {
         "input_ids": batch.input_ids,
         "position_ids": batch.position_ids,
         "attention_mask": mask,
     }
-
-
-def attention_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype `model`'s attention scores are computed in (`bios.models.attention`)."""
-    if uses_attention(model):
-        return attention_compute_dtype(model.dtype, model.device)
-    return model.dtype
 
 
 def can_chunk(model: nn.Module) -> bool:

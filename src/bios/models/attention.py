@@ -154,3 +154,11 @@ def register() -> str:
 def uses_attention(model: nn.Module) -> bool:
     """Whether `model` attends through `attention_forward`."""
     return getattr(model.config, "_attn_implementation", None) == ATTENTION
+
+
+def mask_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the additive mask `model`'s attention adds to its scores: that of a masked
+    prompt's arithmetic here, else the model's (eager attention)."""
+    if uses_attention(model):
+        return compute_dtype(model.dtype, model.device)
+    return model.dtype
