@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from bios.models.attention import attention_forward, uses_attention
+from bios.models.attention import attention_forward, segment_mask, uses_attention
 from bios.models.loading import load_model
 from bios.models.rms_norm import fuse_rms_norms
 from bios.models.swiglu import fuse_swiglu_mlps
@@ -34,6 +34,30 @@ def block_diagonal(lengths: list[int], dtype: torch.dtype) -> torch.Tensor:
     allowed = (segments[:, None] == segments[None, :]) & causal
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def packed_segments(rows: list[list[int]], width: int) -> torch.Tensor:
+    """(R, width) segment ids of sequences of the given lengths packed row by row (ids counted
+    across rows), −1 on the padding at a row's end."""
+    ids, next_id = torch.full((len(rows), width), -1), 0
+    for row, lengths in enumerate(rows):
+        start = 0
+        for length in lengths:
+            ids[row, start : start + length] = next_id
+            start, next_id = start + length, next_id + 1
+    return ids
+
+
+def segments_to_mask(ids: torch.Tensor) -> torch.Tensor:
+    """(R, 1, L, L) additive float64 mask of packed segment ids: causal within a sequence,
+    nothing across; a padding position attends to itself only (so no row is empty)."""
+    length = ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)
+    allowed = (same & causal) | torch.eye(length, dtype=torch.bool)
+    return torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, -torch.inf)[
+        :, None
+    ]
 
 
 def reference(q, k, v, mask, groups):
@@ -92,19 +116,72 @@ def test_bf16_attention_computes_in_float32(boolean):
         assert relative_error(grad, expected_grad) < 1e-2, name
 
 
-@pytest.mark.parametrize("masked", [True, False], ids=["block-diagonal", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_rows_attend_sequence_by_sequence(dtype):
+    """Segment ids in the mask's place: each sequence attends causally to itself alone. Values
+    and gradients within the dtype's rounding of the float64 block-diagonal reference (bf16
+    computes in float32 and rounds once); padding gets zeros and passes no gradient; in float32
+    each sequence's values are transformers' SDPA on the sequence alone."""
+    generator = torch.Generator().manual_seed(6)
+    groups, width = 3, 24
+    ids = packed_segments([[7, 12, 5], [9, 10]], width)
+    real = ids >= 0
+    q = torch.randn(2, 2 * groups, width, 64, generator=generator).to(dtype)
+    k, v = (torch.randn(2, 2, width, 64, generator=generator).to(dtype) for _ in range(2))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    output, weights = attention_forward(Module(groups), *leaves, segment_mask(ids))
+    assert weights is None and output.dtype == dtype and output.shape == (2, width, 6, 64)
+    assert not output[~real].any()
+
+    mask = segments_to_mask(ids)
+    expected = reference(q, k, v, mask, groups)
+    value_bound, grad_bound = (1e-6, 1e-6) if dtype == torch.float32 else (4e-3, 1e-2)
+    assert relative_error(output[real], expected[real]) < value_bound
+    cotangent = torch.randn(output.shape, generator=generator).to(dtype)
+    grads = torch.autograd.grad(output, leaves, cotangent)
+    references = [x.double().requires_grad_() for x in (q, k, v)]
+    padding_free = cotangent.double() * real[:, :, None, None]
+    expected_grads = torch.autograd.grad(
+        reference(*references, mask, groups), references, padding_free
+    )
+    for name, grad, expected_grad in zip("qkv", grads, expected_grads, strict=True):
+        assert grad.dtype == dtype and not grad.transpose(1, 2)[~real].any(), name
+        assert relative_error(grad, expected_grad) < grad_bound, name
+    if dtype == torch.float32:
+        for row, start, stop in [(0, 0, 7), (0, 7, 19), (0, 19, 24), (1, 0, 9), (1, 9, 19)]:
+            alone = [x[row : row + 1, :, start:stop] for x in (q, k, v)]
+            theirs, _ = sdpa_attention_forward(Module(groups), *alone, None)
+            assert torch.equal(output[row : row + 1, start:stop], theirs)
+
+
+def test_segment_ids_are_only_for_a_prompt():
+    """Segment ids where attention would not take them (one query over a cache) are refused,
+    not read as a mask."""
+    q = torch.randn(1, 6, 1, 64)
+    k, v = (torch.randn(1, 2, 9, 64) for _ in range(2))
+    with pytest.raises(ValueError, match="segment ids"):
+        attention_forward(Module(3), q, k, v, segment_mask(packed_segments([[4, 5]], 9)))
+
+
+@pytest.mark.parametrize("masked", ["block-diagonal", "causal", "segments"])
 def test_bf16_attention_keeps_its_inputs_and_output_in_bf16(masked):
     """What the backward keeps: q, k and v in bf16 at their own widths (no repeated heads, no
     float32 copies), the output as returned (the tensor the output projection reads anyway),
-    the float32 log-sum-exp and the mask shared by every layer; nothing else."""
+    the float32 log-sum-exp and the mask shared by every layer (segment ids: none); nothing
+    else."""
     generator = torch.Generator().manual_seed(4)
     lengths = [10, 6]
     q = torch.randn(2, 6, 16, 64, generator=generator).bfloat16().requires_grad_()
     k, v = (
         torch.randn(2, 2, 16, 64, generator=generator).bfloat16().requires_grad_() for _ in range(2)
     )
-    mask = block_diagonal(lengths, torch.float32) if masked else None
-    with saved_storages([] if mask is None else [mask]) as seen:
+    masks = {
+        "block-diagonal": block_diagonal(lengths, torch.float32),
+        "causal": None,
+        "segments": segment_mask(packed_segments([lengths, [16]], 16)),
+    }
+    mask = masks[masked]
+    with saved_storages([] if masked != "block-diagonal" else [mask]) as seen:
         output, _ = attention_forward(Module(3), q, k, v, mask)
     kept = {q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()}
     kept |= {v.untyped_storage().data_ptr(), output.untyped_storage().data_ptr()}

@@ -27,9 +27,11 @@ from bios.engine.forward import (
     chunk_tokens_for,
     gather_logprobs,
     logprobs_and_logits_grad,
+    model_inputs,
     target_logprobs,
 )
 from bios.errors import InvalidInputError
+from bios.models.attention import ATTENTION, takes_segments
 from bios.objectives import linear_coefficients
 from bios.types import Datum, ModelInput
 from helpers import random_datum, reference_logprobs
@@ -89,11 +91,39 @@ def test_rows_of_the_cheapest_width():
     assert batch.select(0, 4).input_ids.shape[0] == 2  # shards are packed the same way
     # Equal lengths: one sequence a row (no mask) is the cheapest whatever a is.
     assert row_width([256] * 8, 3.3e-4) == 256
+    # a = 0 (attention sequence by sequence, which packing does not change): the least padding,
+    # here one row of all 32 tokens; with equal lengths still one sequence a row.
+    assert row_width(lengths, 0.0) == 32 and row_width([256] * 8, 0.0) == 256
     # a for SmolLM2-135M's shapes, by hand: 4·576 / (2·(576·(2·576 + 2·192) + 3·576·1536)).
     config = LlamaConfig(
         hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
     )
     assert attention_cost(config) == pytest.approx(2304 / 7077888, rel=1e-12)
+
+
+def test_cpu_attention_takes_packed_rows_as_segment_ids(tiny_models, session_engine: Engine):
+    """On the CPU, where Bios's attention runs each packed sequence on its own, rows that share
+    reach the model with their segment ids in the mask's place, and the engine packs with no
+    attention cost (the least padding); an eager model gets the block-diagonal additive mask."""
+    service = ServiceClient(engine=session_engine)
+    client = service.create_lora_training_client(tiny_models["llama"], rank=4, seed=0)
+    run = session_engine.run(client.model_id)
+    data = uneven_data(384, "cross_entropy")
+    batch = pack_batch(data, resolve_objective("cross_entropy"), 384, 1 << 20)
+    assert batch.shares_rows
+    with run.model() as model:
+        assert takes_segments(model)
+        inputs = model_inputs(model, batch)
+        assert torch.equal(inputs["attention_mask"], batch.segment_ids[:, None, None, :])
+        assert torch.equal(inputs["position_ids"], batch.position_ids)
+        model.config._attn_implementation = "eager"
+        try:
+            assert not takes_segments(model)
+            eager = model_inputs(model, batch)["attention_mask"]
+        finally:
+            model.config._attn_implementation = ATTENTION
+    assert torch.equal(eager, batch.attention_mask(model.dtype))
+    assert session_engine.worker(tiny_models["llama"]).attention_cost == 0.0
 
 
 def uneven_data(vocab: int, loss_fn: str, seed: int = 0) -> list[Datum]:
@@ -318,8 +348,10 @@ def test_logits_gradient_in_place_is_autograds(dtype, soft):
     expected = expected if soft else expected[:, 0]
     (expected_grad,) = torch.autograd.grad(expected, leaf, grads)
 
-    logprobs, logits_grad = logprobs_and_logits_grad(logits, targets, grads)
+    chunk = logits.clone()
+    logprobs, logits_grad = logprobs_and_logits_grad(chunk, targets, grads)
     assert logits_grad.dtype == dtype and logprobs.shape == targets.shape
+    assert logits_grad.data_ptr() == chunk.data_ptr()  # written over the spent logits
     assert torch.equal(logprobs, expected.detach())
     assert torch.equal(logits_grad, expected_grad)
     # and by hand: Σ_k g_k·e_{y_k} − (Σ_k g_k)·softmax(z), within the gradient dtype's rounding
@@ -328,6 +360,19 @@ def test_logits_gradient_in_place_is_autograds(dtype, soft):
     by_hand.scatter_add_(-1, index, per_target)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(logits_grad.float(), by_hand, atol=tolerance, rtol=tolerance)
+    # With work buffers left over from a larger chunk (as the chunks of a step share them): the
+    # same values, whatever the buffers held.
+    buffers: dict[str, torch.Tensor] = {}
+    larger = torch.randn(50, 500, generator=generator).to(dtype)
+    logprobs_and_logits_grad(
+        larger,
+        torch.zeros_like(targets[:1]).expand(50, *targets.shape[1:]),
+        -torch.ones(50, *grads.shape[1:]),
+        buffers,
+    )
+    again, again_grad = logprobs_and_logits_grad(logits.clone(), targets, grads, buffers)
+    assert all(buffer.shape[0] == 50 for buffer in buffers.values())
+    assert torch.equal(again, expected.detach()) and torch.equal(again_grad, expected_grad)
 
 
 def test_unembedding_backward_refuses_another_gradient(tiny_models, session_engine):

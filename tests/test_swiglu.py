@@ -20,6 +20,7 @@ from transformers import (
     MistralForCausalLM,
 )
 
+from bios.models.attention import register
 from bios.models.loading import load_model
 from bios.models.rms_norm import fuse_rms_norms
 from bios.models.swiglu import SiLUMul, fuse_swiglu_mlps, fused_mlps, is_fused, silu_mul
@@ -96,11 +97,12 @@ def test_saves_only_gate_and_up_and_nothing_without_gradients():
 @pytest.fixture(scope="module")
 def model_pairs(tiny_models) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
     """family -> (plain model as transformers loads it, the same model through `load_model`);
-    both with `load_model`'s RMSNorm (`bios.models.rms_norm`), so that only the MLPs differ."""
+    both with `load_model`'s RMSNorm (`bios.models.rms_norm`) and attention
+    (`bios.models.attention`), so that only the MLPs differ."""
     pairs = {}
     for family in FAMILIES:
         reference = AutoModelForCausalLM.from_pretrained(
-            tiny_models[family], attn_implementation="sdpa", dtype=torch.float32
+            tiny_models[family], attn_implementation=register(), dtype=torch.float32
         )
         fuse_rms_norms(reference)
         fused = load_model(tiny_models[family]).model

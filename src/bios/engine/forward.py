@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bios.engine.batch import PackedBatch
-from bios.models.attention import mask_dtype
+from bios.models.attention import mask_dtype, segment_mask, takes_segments
 from bios.models.swiglu import products_kept
 
 # Bytes of float32 logits a chunk may hold (its gradient and log-softmax are as large again).
@@ -68,14 +68,19 @@ def model_inputs(model: nn.Module, batch: PackedBatch) -> dict[str, torch.Tensor
 
     Rows that hold one sequence each (equal lengths, or data too long to share) need no mask:
     the plain causal mask is exact, as a right-padded batch always was, and SDPA then takes its
-    causal fast path instead of a masked one. Rows that share get the block-diagonal mask and the
-    restarting position ids. The mask is additive, in the dtype attention computes in, for SDPA
+    causal fast path instead of a masked one. Rows that share get the restarting position ids
+    and, for Bios's attention on the CPU, the rows' segment ids in the mask's place (each
+    sequence attends on its own: `bios.models.attention.segment_mask`), else the block-diagonal
+    mask. That mask is additive, in the dtype attention computes in, for SDPA
     as for eager attention: SDPA converts a boolean mask to that form in every layer and each
     layer's backward keeps its own copy (rows × length² × 4 bytes a layer), and so would a cast
     in every layer; one additive mask is shared by all."""
     if not batch.shares_rows:
         return {"input_ids": batch.input_ids}
-    mask = batch.attention_mask(mask_dtype(model))
+    if takes_segments(model):
+        mask = segment_mask(batch.segment_ids)
+    else:
+        mask = batch.attention_mask(mask_dtype(model))
     return {
         "input_ids": batch.input_ids,
         "position_ids": batch.position_ids,
@@ -117,9 +122,25 @@ def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     return _logprobs_of(head(hidden), targets)
 
 
+def _scratch(
+    buffers: dict[str, torch.Tensor] | None, name: str, like: torch.Tensor
+) -> torch.Tensor:
+    """A float32 tensor of `like`'s shape: a fresh one, or the first rows of `buffers[name]`
+    (made at the first, largest chunk and reused by the chunks after it)."""
+    if buffers is None:
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    buffer = buffers.get(name)
+    if buffer is None or buffer.shape[0] < like.shape[0] or buffer.shape[1:] != like.shape[1:]:
+        buffer = buffers[name] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    return buffer[: like.shape[0]]
+
+
 @torch.no_grad()
 def logprobs_and_logits_grad(
-    logits: torch.Tensor, targets: torch.Tensor, logprob_grads: torch.Tensor
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logprob_grads: torch.Tensor,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The target logprobs of a chunk of logits z, and ∂L/∂z for a known g = ∂L/∂logprobs:
 
@@ -128,18 +149,29 @@ def logprobs_and_logits_grad(
     G_t = Σ_k g_tk·e_{y_tk} (K soft targets y_t1…y_tK per position, or one). Autograd's own
     float32 kernels, so the gradient is the one a backward through the log-softmax gives, bit for
     bit, with fewer buffers: the log-softmax backward writes over the one-hot G it reads (each
-    element is read before it is written), where autograd allocates its output apart; for a
-    chunk of SmolLM2's 49k vocabulary each buffer is tens of megabytes, freshly faulted in. The
-    gradient comes back in the logits' dtype, as the cast's backward would give it."""
+    element is read before it is written), where autograd allocates its output apart.
+
+    The gradient is written over `logits` and returned (in their dtype, as the cast's backward
+    would give it): their values are spent once the log-softmax is taken, and the backward of a
+    linear layer never reads its output. The float32 work tensors come from `buffers` when given
+    (see `_scratch`): for a chunk of SmolLM2's 49k vocabulary each is tens of megabytes, which a
+    fresh allocation page-faults in again at every chunk."""
     index = targets if targets.dim() == 2 else targets[:, None]
     grads = logprob_grads if logprob_grads.dim() == 2 else logprob_grads[:, None]
-    log_softmax = torch.log_softmax(logits.float(), dim=-1)
+    log_softmax = _scratch(buffers, "log_softmax", logits)
+    if logits.dtype == torch.float32:
+        gradient = logits
+    else:
+        gradient = _scratch(buffers, "float_logits", logits).copy_(logits)
+    torch.log_softmax(gradient, dim=-1, out=log_softmax)
     logprobs = log_softmax.gather(-1, index)
-    gradient = torch.zeros_like(log_softmax).scatter_add_(-1, index, grads)
+    gradient.zero_().scatter_add_(-1, index, grads)
     torch.ops.aten._log_softmax_backward_data.out(
         gradient, log_softmax, -1, torch.float32, out=gradient
     )
-    return logprobs.view(targets.shape), gradient.to(logits.dtype)
+    if gradient is not logits:
+        logits.copy_(gradient)
+    return logprobs.view(targets.shape), logits
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -236,13 +268,14 @@ def _logprobs_with_known_gradient(
     values, hidden_grads = [], []
     leaves: list[torch.Tensor] = []
     leaf_grads: list[torch.Tensor] = []
+    buffers: dict[str, torch.Tensor] = {}
     for start in range(0, len(targets), size):
         piece = hidden[start : start + size].detach().requires_grad_()
         logits = head(piece)
         if start == 0:  # every chunk runs the same head, so it reaches the same leaves
             leaves = [leaf for leaf in graph_leaves(logits) if leaf is not piece]
         logprobs, logits_grad = logprobs_and_logits_grad(
-            logits, targets[start : start + size], logprob_grads[start : start + size]
+            logits, targets[start : start + size], logprob_grads[start : start + size], buffers
         )
         piece_grad, *grads = torch.autograd.grad(logits, [piece, *leaves], grad_outputs=logits_grad)
         values.append(logprobs)

@@ -28,7 +28,8 @@ head dim), k = the key/value width (kv heads × head dim), i = the MLP width, n 
                   layer's activations while it is recomputed
     around        tokens · (2·b·h + 8·head dim): the final norm's input, the real tokens'
                   hidden states, the rotary cos and sin (float32, shared by the layers)
-    attention     the block-diagonal additive mask, rows × row length² × b (one for all layers)
+    attention     the block-diagonal additive mask, rows × row length² × b (one for all layers),
+                  none where Bios's CPU attention takes the rows' segment ids instead
     logits        one chunk: chunk tokens × vocabulary × 4 bytes × 3 (the logits, their
                   log-softmax and its gradient; `engine/forward.py`)
     LoRA          per token and adapted layer, the rank-r intermediate A·x (r × 4 bytes), small
@@ -51,7 +52,7 @@ from torch import nn
 from bios.engine.batch import PackedBatch
 from bios.engine.forward import chunk_tokens_for
 from bios.errors import InvalidInputError
-from bios.models.attention import uses_attention
+from bios.models.attention import takes_segments
 from bios.models.lora import find_targets, target_names
 from bios.models.rms_norm import fused_norms
 from bios.models.swiglu import fused_mlps
@@ -82,7 +83,9 @@ class Shape:
     heads: int = 1
     head_dim: int = 0  # 0: hidden / heads
     qk_norms: bool = False  # per-head norms of q and k (Qwen3)
-    grouped_kv: bool = False  # attention keeps k and v at their own width, with or without mask
+    # Bios's CPU attention (`bios.models.attention.takes_segments`): k and v kept at their own
+    # width, packed rows attended sequence by sequence (no mask).
+    cpu_attention: bool = False
 
     @classmethod
     def of(cls, model: nn.Module) -> Shape:
@@ -106,7 +109,7 @@ class Shape:
             heads=heads,
             head_dim=head_dim,
             qk_norms=qk_norms,
-            grouped_kv=uses_attention(model) and model.device.type == "cpu",
+            cpu_attention=takes_segments(model),
         )
 
     @property
@@ -115,7 +118,7 @@ class Shape:
 
     def layer_bytes_per_token(self, shares_rows: bool = True, checkpointed: bool = False) -> int:
         b, h, q, k = self.dtype_bytes, self.hidden, self.q_width, self.kv_width
-        kv = q if shares_rows and not self.grouped_kv else k
+        kv = q if shares_rows and not self.cpu_attention else k
         mlp = self.mlp_tensors + (1 if checkpointed and self.mlp_tensors == 2 else 0)
         per_token = b * (5 * h + q + 2 * kv + mlp * self.intermediate)
         per_token += 4 * self.heads + (2 * 4 if self.norms_fused else 2 * 4 * h)
@@ -141,7 +144,8 @@ def step_bytes(
         activations = shape.layers * tokens * per_layer
     around = tokens * (2 * shape.dtype_bytes * shape.hidden + 8 * (shape.q_width // shape.heads))
     rows, width = batch.input_ids.shape
-    attention = rows * width * width * shape.dtype_bytes if batch.shares_rows else 0
+    masked = batch.shares_rows and not shape.cpu_attention
+    attention = rows * width * width * shape.dtype_bytes if masked else 0
     chunk = min(batch.num_tokens, chunk_tokens_for(shape.vocab, batch.input_ids.device))
     logits = chunk * shape.vocab * 4 * 3
     lora = shape.layers * tokens * 7 * 4 * (lora_rank or 0)  # 7 adapted projections a layer

@@ -24,6 +24,7 @@ import torch
 
 from bios.engine.batch import attention_cost
 from bios.engine.runs import Run
+from bios.models.attention import takes_segments
 from bios.models.loading import LoadedModel
 from bios.models.lora import AdapterHost
 
@@ -54,8 +55,11 @@ class ModelWorker:
 
     @property
     def attention_cost(self) -> float:
-        """What packing weighs a row's width with (`bios.engine.batch.attention_cost`)."""
-        return attention_cost(self.loaded.model.config)
+        """What packing weighs a row's width with (`bios.engine.batch.attention_cost`); nothing
+        where the model attends to packed rows sequence by sequence (`takes_segments`), which a
+        row's width does not change."""
+        model = self.loaded.model
+        return 0.0 if takes_segments(model) else attention_cost(model.config)
 
     @property
     def vocab_size(self) -> int:
