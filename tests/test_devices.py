@@ -8,6 +8,7 @@ here, the GPUs too on a GPU machine), so the same file checks the CUDA path wher
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from bios.engine.devices import (
     resolve_precision,
 )
 from bios.engine.engine import Engine
-from bios.engine.packed import PackedLinears, packable_dtypes
+from bios.engine.packed import MIN_ROWS, PackedLinears, native_gemv, packable_dtypes
 from bios.errors import InvalidInputError
 from bios.models.loading import load_model
 from bios.models.lora import AdapterHost, LoRAAdapter
@@ -486,3 +487,75 @@ def test_prepacked_decoding_takes_bf16_only_where_onednn_has_bf16_kernels(llama)
             prepacked = model(input_ids=tokens).logits
     assert prepacked.dtype == torch.bfloat16
     torch.testing.assert_close(prepacked, plain, rtol=2**-7, atol=2**-7)
+
+
+def test_native_gemv_is_counted_and_restores_what_was_before():
+    """The oneDNN switch is off while any `native_gemv` block runs (nested, or on two threads
+    that overlap) and back to its earlier state, on or off, when the last one ends."""
+    assert torch.backends.mkldnn.enabled
+    inside, release = threading.Event(), threading.Event()
+
+    def other_decode() -> None:
+        with native_gemv():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other_decode)
+    with native_gemv():
+        assert not torch.backends.mkldnn.enabled
+        thread.start()
+        assert inside.wait(10)
+        with native_gemv():
+            assert not torch.backends.mkldnn.enabled
+    assert not torch.backends.mkldnn.enabled  # the other thread's block still runs
+    release.set()
+    thread.join(10)
+    assert torch.backends.mkldnn.enabled
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        with native_gemv():
+            pass
+        assert not torch.backends.mkldnn.enabled  # a caller's own choice stays
+    finally:
+        torch._C._set_mkldnn_enabled(True)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "samples", "native"),
+    [
+        ("bf16", 1, True),
+        ("bf16", MIN_ROWS - 1, True),
+        ("bf16", MIN_ROWS, False),
+        ("fp32", 1, False),
+    ],
+)
+def test_few_bf16_rows_decode_on_torchs_own_kernels(dtype, samples, native, llama, engines):
+    """Decode steps of fewer than `MIN_ROWS` rows of a bf16 model run with oneDNN off (torch's
+    matrix-vector kernels); the prompt's prefill, larger batches and float32 models keep it on,
+    and it is on again after the decode. torch's kernel gives one row's logits within bf16
+    rounding of oneDNN's."""
+    engine = engines[dtype]
+    model = engine.worker(llama).loaded.model
+    seen: dict[str, set[bool]] = {"prefill": set(), "decode": set()}
+
+    def record(module, args, output) -> None:
+        seen["decode" if args[0].shape[1] == 1 else "prefill"].add(torch.backends.mkldnn.enabled)
+
+    handle = model.get_input_embeddings().register_forward_hook(record)  # args: (B, T) ids
+    try:
+        sampler = ServiceClient(engine=engine).create_sampling_client(base_model=llama)
+        params = SamplingParams(max_tokens=6, seed=3, stop=[])
+        response = sampler.sample(ModelInput.from_ints([5, 17, 42, 9]), samples, params).result()
+    finally:
+        handle.remove()
+    assert all(len(sequence.tokens) == 6 for sequence in response.sequences)
+    assert seen == {"prefill": {True}, "decode": {not native}}
+    assert torch.backends.mkldnn.enabled
+    if dtype == "bf16" and samples == 1:
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(1, model.config.hidden_size, generator=generator).bfloat16()
+        with torch.inference_mode():
+            with_onednn = torch.nn.functional.linear(x, model.lm_head.weight)
+            with native_gemv():
+                with_torch = torch.nn.functional.linear(x, model.lm_head.weight)
+        torch.testing.assert_close(with_torch, with_onednn, rtol=2**-7, atol=2**-7)

@@ -10,11 +10,11 @@ One call of `generate` decodes a batch of requests (each a prompt and `num_sampl
    prompt of the batch and repeated once per sample (`bios.engine.kv_cache.batch_cache`). Padded
    positions are masked out, and every row has its own position ids, so padding changes nothing.
 3. Decode: one forward of the batch's newest tokens per step (the cache appends in place, see
-   `bios.engine.kv_cache`; batches of a few rows or more use prepacked weights,
-   `bios.engine.packed`; RMSNorm runs as one kernel, `bios.engine.fused_norms`). Rows stop on a
-   stop token (the tokenizer's end-of-sequence tokens always count), a stop string or
-   `max_tokens`; finished rows are dropped from the batch (and cache) once they are a quarter
-   of it.
+   `bios.engine.kv_cache`; batches of a few rows or more use prepacked weights, fewer rows of a
+   16-bit model torch's own matrix-vector kernels, `bios.engine.packed`; RMSNorm runs as one
+   kernel, `bios.engine.fused_norms`). Rows stop on a stop token (the tokenizer's
+   end-of-sequence tokens always count), a stop string or `max_tokens`; finished rows are
+   dropped from the batch (and cache) once they are a quarter of it.
 4. Turns: `Decoder.advance` runs the decode for a time budget and returns, keeping its state, so
    a long decode can share the worker with other work (`bios.engine.sampling_sessions`).
 
@@ -55,7 +55,7 @@ from transformers import DynamicCache
 
 from bios.engine.fused_norms import fused_rms_norms
 from bios.engine.kv_cache import batch_cache
-from bios.engine.packed import MIN_ROWS, PackedLinears
+from bios.engine.packed import MIN_ROWS, PackedLinears, native_gemv, wants_native_gemv
 from bios.types import SampledSequence, SampleResponse, StopReason
 
 
@@ -344,6 +344,7 @@ class Decoder:
         self.batch: _Batch
         self.logits: torch.Tensor  # (B, V): the logits the next step chooses from
         self.packed: PackedLinears | None = None
+        self.native_gemv = False  # set with the decode cache: `bios.engine.packed.native_gemv`
 
     def run(self) -> list[SampleResponse]:
         """The whole decode in one go."""
@@ -381,6 +382,9 @@ class Decoder:
                     self._build_cache(batch, self.prefills)
                     if len(tokens) >= MIN_ROWS and self.device.type == "cpu":
                         self.packed = PackedLinears.of(self.model)
+                    elif len(tokens) < MIN_ROWS:
+                        dtype = next(self.model.parameters()).dtype
+                        self.native_gemv = wants_native_gemv(dtype, self.device)
                     self._patch(stack)
                 elif int((~batch.alive).sum()) * 4 >= len(batch.ids):
                     tokens = self._keep_alive(batch, tokens)
@@ -417,10 +421,13 @@ class Decoder:
         self.batch.segments = self._segments(self.batch.ids)
 
     def _patch(self, stack: ExitStack) -> None:
-        """Fused norms, and the packed weights when the batch was built big enough for them."""
+        """Fused norms, and the packed weights when the batch was built big enough for them, or
+        torch's matrix-vector kernels when it was built of a few 16-bit rows."""
         stack.enter_context(fused_rms_norms(self.model))
         if self.packed is not None:
             stack.enter_context(self.packed.installed())
+        if self.native_gemv:
+            stack.enter_context(native_gemv())
 
     def _segments(self, ids: torch.Tensor) -> list[_Segment]:
         requests, counts = torch.unique_consecutive(self.request_of[ids], return_counts=True)

@@ -26,6 +26,18 @@ with another input than the first's (a model that does not follow the pattern) c
 Installing replaces each `nn.Linear`'s `forward` on the instance for the duration of a decode;
 forward hooks (the LoRA adapters of `AdapterHost`) still run on each projection's own output.
 Only the model's worker thread runs the model, so nothing else sees the swap.
+
+Fewer rows than `MIN_ROWS` of a 16-bit model (`native_gemv`): torch's own matrix-vector kernel
+instead of oneDNN's. oneDNN multiplies one or two bf16 rows at a fraction of the memory
+bandwidth (SmolLM2-135M's linear layers, one row, weights not in cache: 27.5 ms a token against
+10.1 with torch's kernel; the 49k × 576 unembedding 6.0 ms against 2.7), while prepacking does
+not pay at so few rows (above). Measured on a 2-core AMD EPYC with `avx512_bf16`, a whole 1 × 1
+decode of 128 tokens: 36–40 tokens/s against 20 (2 rows: 54 against 38; at 16 rows, prepacked,
+torch's kernel was 7% slower, so it is for the few-row case only). The switch is torch's
+process-wide `torch.backends.mkldnn` flag, held off while such a decode step runs (counted, so
+decodes on two models' workers overlap safely): a 16-bit CPU matrix product another thread runs
+meanwhile takes torch's kernel too, its values within rounding of oneDNN's (both accumulate in
+float32). `BIOS_NATIVE_GEMV=0` leaves oneDNN on.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import torch
 from torch import nn
 
 MIN_ROWS = 4
+NATIVE_GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def pack(weight: torch.Tensor, batch_size: int | None) -> torch.Tensor:
@@ -73,6 +86,41 @@ def _packable(module: nn.Module | None) -> bool:
         and module.weight.dtype in packable_dtypes()
         and module.weight.device.type == "cpu"
     )
+
+
+_native_lock = threading.Lock()
+_native_users = 0
+_onednn_before = True
+
+
+def wants_native_gemv(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a decode of fewer than `MIN_ROWS` rows of a `dtype` model on `device` should run
+    under `native_gemv`: a 16-bit model on the CPU, unless `BIOS_NATIVE_GEMV=0`."""
+    return (
+        device.type == "cpu"
+        and dtype in NATIVE_GEMV_DTYPES
+        and os.environ.get("BIOS_NATIVE_GEMV", "1") != "0"
+    )
+
+
+@contextmanager
+def native_gemv() -> Iterator[None]:
+    """Inside the block, 16-bit CPU matrix products run on torch's own kernels, not oneDNN's
+    (the module docstring says why, and what else it touches); nested or overlapping blocks keep
+    the switch off until the last one ends, which restores what it was before the first."""
+    global _native_users, _onednn_before
+    with _native_lock:
+        if _native_users == 0:
+            _onednn_before = torch.backends.mkldnn.enabled
+            torch._C._set_mkldnn_enabled(False)
+        _native_users += 1
+    try:
+        yield
+    finally:
+        with _native_lock:
+            _native_users -= 1
+            if _native_users == 0:
+                torch._C._set_mkldnn_enabled(_onednn_before)
 
 
 class _FusedGroup:
