@@ -15,9 +15,15 @@ Both sides produce exactly 128 tokens per sequence: the baseline through `min_ne
 masks EOS out), Bios through `stop=[]` (Tinker's "no stop, not even EOS"). The script checks
 every sequence's length.
 
-How: one process, both models loaded, same thread count; each case is warmed up once per side,
-then timed `--repeats` times with the sides alternating (so background load hits both alike);
-the median run is reported. Wall time covers the whole call, prompt prefill included; tokens per
+How: each side runs in its own subprocess (same thread count), started by this invocation, which
+sends it one run at a time; each case is warmed up once per side, then timed `--repeats` times
+with the sides alternating (so background load hits both alike); the median run is reported.
+Separate processes because libgomp throttles the spinning of every OpenMP thread pool of a
+process that manages more pool threads than there are CPUs: with `generate` on the main thread
+and Bios's engine worker on its own, one process has two pools, and every parallel region of
+either then wakes its threads through the kernel (Bios's 1 x 1 decode, 2-core EPYC: 37 tokens/s
+alone, 18-20 after a `generate` in the same process), an artefact of the measurement. Wall
+time covers the whole call, prompt prefill included; tokens per
 CPU-second (user + system time of the process) are reported too, as they move less than wall
 time when other processes compete for the cores.
 
@@ -33,6 +39,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,30 +65,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", help="Bios's dtype: bf16, fp32 (default: Bios's choice)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # child process only
     return parser.parse_args()
 
 
-def build_sides(
-    dtype: str | None,
-) -> tuple[list[int], dict[str, Callable[[int, int], list[list[int]]]], str]:
-    """The prompt's tokens, per side a function (samples, seed) -> generated sequences, and
-    where and in which dtype Bios keeps the model (with its reason)."""
+def build_side(
+    side: str, dtype: str | None
+) -> tuple[list[int], Callable[[int, int], list[list[int]]], str]:
+    """The prompt's tokens, a function (samples, seed) -> generated sequences for `side`, and
+    where and in which dtype it keeps the model (Bios: with its reason)."""
     from transformers import AutoModelForCausalLM
 
     from bios.data.chat import render_prompt
-    from bios.models.loading import DEFAULT_MODEL, resolve_model_path
+    from bios.models.loading import DEFAULT_MODEL, load_tokenizer, resolve_model_path
     from bios.types import ModelInput, SamplingParams
 
-    service = bios_service(dtype=dtype)
-    sampler = service.create_sampling_client(base_model=DEFAULT_MODEL)
-    tokenizer = sampler.get_tokenizer()
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
     prompt = render_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
+    if side == "bios":
+        service = bios_service(dtype=dtype)
+        sampler = service.create_sampling_client(base_model=DEFAULT_MODEL)
 
-    def run_bios(samples: int, seed: int) -> list[list[int]]:
-        # `stop=[]`: no stop at all, not even EOS, so every sequence has 128 tokens.
-        params = SamplingParams(max_tokens=NEW_TOKENS, seed=seed, stop=[])
-        response = sampler.sample(ModelInput.from_ints(prompt), samples, params).result()
-        return [sequence.tokens for sequence in response.sequences]
+        def run_bios(samples: int, seed: int) -> list[list[int]]:
+            # `stop=[]`: no stop at all, not even EOS, so every sequence has 128 tokens.
+            params = SamplingParams(max_tokens=NEW_TOKENS, seed=seed, stop=[])
+            response = sampler.sample(ModelInput.from_ints(prompt), samples, params).result()
+            return [sequence.tokens for sequence in response.sequences]
+
+        return prompt, run_bios, bios_precision(service)
 
     path = resolve_model_path(DEFAULT_MODEL)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -103,8 +115,43 @@ def build_sides(
             )
         return output[:, len(prompt) :].tolist()
 
-    sides = {"bios": run_bios, "transformers": run_transformers}
-    return prompt, sides, bios_precision(service)
+    return prompt, run_transformers, "cpu, float32"
+
+
+def serve_side(args: argparse.Namespace) -> None:
+    """Child process: build one side, then answer each "samples seed" line with one JSON line
+    (tokens per wall second and per CPU second) on the original stdout."""
+    protocol, sys.stdout = sys.stdout, sys.stderr  # library output must not corrupt the protocol
+    torch.set_num_threads(args.threads)
+    prompt, run, placement = build_side(args.side, args.dtype)
+    protocol.write(json.dumps({"prompt_tokens": len(prompt), "placement": placement}) + "\n")
+    protocol.flush()
+    for line in sys.stdin:
+        samples, seed = (int(word) for word in line.split())
+        protocol.write(json.dumps(measure(run, samples, seed)) + "\n")
+        protocol.flush()
+
+
+def start_side(side: str, args: argparse.Namespace) -> tuple[subprocess.Popen, dict]:
+    command = [sys.executable, __file__, "--side", side, "--threads", str(args.threads)]
+    if args.dtype:
+        command += ["--dtype", args.dtype]
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return child, read_reply(side, child)
+
+
+def read_reply(side: str, child: subprocess.Popen) -> dict:
+    line = child.stdout.readline()
+    if not line:
+        raise SystemExit(f"the {side} side exited (code {child.wait()}); see its output above")
+    return json.loads(line)
+
+
+def run_side(side: str, child: subprocess.Popen, samples: int, seed: int) -> tuple[float, float]:
+    child.stdin.write(f"{samples} {seed}\n")
+    child.stdin.flush()
+    reply = read_reply(side, child)
+    return reply[0], reply[1]
 
 
 def cpu_seconds() -> float:
@@ -182,30 +229,40 @@ def print_report(
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    prompt, sides, precision = build_sides(args.dtype)
+    if args.side:
+        serve_side(args)
+        return
+    children, hello = {}, {}
+    for side in SIDES:
+        children[side], hello[side] = start_side(side, args)
     results: dict[str, dict] = {}
-    for case, samples in CASES.items():
-        runs: dict[str, list[tuple[float, float]]] = {side: [] for side in SIDES}
-        for side in SIDES:
-            measure(sides[side], samples, seed=1000)  # warm-up
-        for repeat in range(args.repeats):
-            order = SIDES if repeat % 2 == 0 else SIDES[::-1]
-            for side in order:
-                runs[side].append(measure(sides[side], samples, seed=repeat))
-        wall = {side: statistics.median(r[0] for r in runs[side]) for side in SIDES}
-        cpu = {side: statistics.median(r[1] for r in runs[side]) for side in SIDES}
-        results[case] = {
-            **wall,
-            "ratio": wall["bios"] / wall["transformers"],
-            **{f"{side}_cpu": cpu[side] for side in SIDES},
-            "ratio_cpu": cpu["bios"] / cpu["transformers"],
-            "runs": runs,
-            "load_average": os.getloadavg()[0],
-        }
+    try:
+        for case, samples in CASES.items():
+            runs: dict[str, list[tuple[float, float]]] = {side: [] for side in SIDES}
+            for side in SIDES:
+                run_side(side, children[side], samples, seed=1000)  # warm-up
+            for repeat in range(args.repeats):
+                order = SIDES if repeat % 2 == 0 else SIDES[::-1]
+                for side in order:
+                    runs[side].append(run_side(side, children[side], samples, seed=repeat))
+            wall = {side: statistics.median(r[0] for r in runs[side]) for side in SIDES}
+            cpu = {side: statistics.median(r[1] for r in runs[side]) for side in SIDES}
+            results[case] = {
+                **wall,
+                "ratio": wall["bios"] / wall["transformers"],
+                **{f"{side}_cpu": cpu[side] for side in SIDES},
+                "ratio_cpu": cpu["bios"] / cpu["transformers"],
+                "runs": runs,
+                "load_average": os.getloadavg()[0],
+            }
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait()
+    precision = hello["bios"]["placement"]
     machine = machine_info(args.threads)
     machine["bios_precision"] = precision
-    print_report(machine, len(prompt), results, args.repeats, precision)
+    print_report(machine, hello["bios"]["prompt_tokens"], results, args.repeats, precision)
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
 
