@@ -150,7 +150,8 @@ def row_width(lengths: Sequence[int], cost: float | None) -> int:
     and attention over all W keys of its row: a block-diagonal mask computes them all); the
     width chosen minimises Σ over rows among widths from the longest sequence's, each the last
     × 5/4, up to all the tokens in one row (a few dozen tries even for thousands of sequences).
-    a = None: the longest sequence's width."""
+    a = 0 (attention sequence by sequence, `bios.models.attention.segment_mask`): the width with
+    the least padding. a = None: the longest sequence's width."""
     longest, total = max(lengths), sum(lengths)
     if cost is None:
         return longest
