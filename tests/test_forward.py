@@ -271,7 +271,21 @@ LINEAR_CASES = [
     ("cross_entropy", "qwen3"),
     ([("cross_entropy", 0.37)], "qwen3"),
     ("soft", "llama"),
+    ("prompts", "llama"),
+    ("prompts", "qwen3"),
+    ("unweighted", "qwen2"),
 ]
+
+
+def with_prompts(data: list[Datum], prompt_share: float) -> list[Datum]:
+    """`data` with the weights of each datum's first `prompt_share` of positions (a prompt's)
+    set to zero: the whole datum at 1.0."""
+    prompted = []
+    for datum in data:
+        inputs = {name: value.to_torch().clone() for name, value in datum.loss_fn_inputs.items()}
+        inputs["weights"][: round(prompt_share * len(inputs["weights"]))] = 0.0
+        prompted.append(Datum(model_input=datum.model_input, loss_fn_inputs=inputs))
+    return prompted
 
 
 @pytest.mark.parametrize(("loss_fn", "family"), LINEAR_CASES, ids=str)
@@ -285,8 +299,17 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
     service = ServiceClient(engine=session_engine)
     client = perturbed_client(service, session_engine, tiny_models[family], seed=5)
     run = session_engine.run(client.model_id)
+    case = loss_fn
     if loss_fn == "soft":
-        data, loss_fn = soft_data(384, seed=3), "cross_entropy"
+        data, loss_fn = with_prompts(soft_data(384, seed=3), 0.3), "cross_entropy"
+    elif loss_fn in ("prompts", "unweighted"):
+        # Prompts (weight 0) skip the unembedding's backward; with no weight anywhere, nothing
+        # takes part in it and every gradient is zero.
+        share = 0.5 if loss_fn == "prompts" else 1.0
+        data, loss_fn = (
+            with_prompts(uneven_data(384, "cross_entropy", seed=6), share),
+            "cross_entropy",
+        )
     else:
         data = uneven_data(384, "cross_entropy", seed=6)
     objective = resolve_objective(loss_fn)
@@ -294,6 +317,8 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
     batch = pack_batch(data, objective, 384, 1 << 20)
     config = resolve_config(objective, {})
     known = linear_coefficients(objective, batch.inputs, config, batch.flat_targets())
+    if case in ("prompts", "soft"):  # some positions live, some not
+        assert 0 < (known != 0).sum() < known.numel()
     # By hand: cross_entropy's L = −c Σ w·logp, so ∂L/∂logp = −c·w.
     coefficient = 0.37 if objective.name != "cross_entropy" else 1.0
     torch.testing.assert_close(known, -coefficient * batch.inputs["weights"], atol=0, rtol=0)
@@ -321,6 +346,10 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
     )
     torch.testing.assert_close(lp_known, lp_full, atol=1e-6, rtol=0)
     torch.testing.assert_close(loss_known, loss_full, atol=1e-6, rtol=1e-6)
+    if case == "unweighted":  # every factor still gets its (zero) gradient, as autograd gives
+        for grads in (g_full, g_known, results["engine"][2]):
+            assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+        return
     assert any("lm_head" in name and g.abs().sum() > 0 for name, g in g_full.items())
     for grads in (g_known, results["engine"][2]):
         for name, grad in g_full.items():

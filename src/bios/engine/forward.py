@@ -16,7 +16,11 @@ and the unembedding's trainable parameters (the LoRA factors of `lm_head`) are k
 are not, and nothing is recomputed later. The backward pass hands those gradients on after
 checking that the gradient it receives is g, bit for bit (`_KnownGradient`). The same operations
 as the recomputing path, one forward of the unembedding fewer (about a tenth of a step of
-SmolLM2-135M, whose unembedding is a fifth of its weights).
+SmolLM2-135M, whose unembedding is a fifth of its weights). Positions where g is zero — a chat's
+prompt, weight 0 — have a zero ∂L/∂logits, so only the others go through the unembedding's
+backward; the rest get their logprobs from a forward alone (workload b of
+`benchmarks/train_throughput.py`: 32–46% of the tokens are weighted, and the unembedding's
+backward shrinks accordingly, about 4% of a step).
 
 With `checkpoint_layers`, each decoder layer runs under activation checkpointing: its inputs are
 kept and everything inside it is recomputed in the backward pass (about one more forward of the
@@ -135,6 +139,31 @@ def _scratch(
     return buffer[: like.shape[0]]
 
 
+def _float_log_softmax(
+    logits: torch.Tensor, buffers: dict[str, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z in float32, log_softmax(z) in float32) of a chunk of logits z: float32 logits are their
+    own float copy; the rest come from `buffers` (see `_scratch`)."""
+    log_softmax = _scratch(buffers, "log_softmax", logits)
+    if logits.dtype == torch.float32:
+        wide = logits
+    else:
+        wide = _scratch(buffers, "float_logits", logits).copy_(logits)
+    torch.log_softmax(wide, dim=-1, out=log_softmax)
+    return wide, log_softmax
+
+
+@torch.no_grad()
+def chunk_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """log_softmax(z_t)[y_t] in float32 for a chunk of logits z (one target per position, or K),
+    computed in the work `buffers` when given: the values of `_logprobs_of`, bit for bit."""
+    _, log_softmax = _float_log_softmax(logits, buffers)
+    index = targets if targets.dim() == 2 else targets[:, None]
+    return log_softmax.gather(-1, index).view(targets.shape)
+
+
 @torch.no_grad()
 def logprobs_and_logits_grad(
     logits: torch.Tensor,
@@ -158,12 +187,7 @@ def logprobs_and_logits_grad(
     fresh allocation page-faults in again at every chunk."""
     index = targets if targets.dim() == 2 else targets[:, None]
     grads = logprob_grads if logprob_grads.dim() == 2 else logprob_grads[:, None]
-    log_softmax = _scratch(buffers, "log_softmax", logits)
-    if logits.dtype == torch.float32:
-        gradient = logits
-    else:
-        gradient = _scratch(buffers, "float_logits", logits).copy_(logits)
-    torch.log_softmax(gradient, dim=-1, out=log_softmax)
+    gradient, log_softmax = _float_log_softmax(logits, buffers)
     logprobs = log_softmax.gather(-1, index)
     gradient.zero_().scatter_add_(-1, index, grads)
     torch.ops.aten._log_softmax_backward_data.out(
@@ -264,18 +288,28 @@ def _logprobs_with_known_gradient(
     logprob_grads: torch.Tensor,
     size: int,
 ) -> torch.Tensor:
-    """Chunked logprobs whose unembedding backward runs chunk by chunk in this forward."""
+    """Chunked logprobs whose unembedding backward runs chunk by chunk in this forward.
+
+    Only the positions with a non-zero ∂L/∂logprobs take part in that backward (`live_positions`):
+    elsewhere ∂L/∂z = G − (Σ G)·softmax(z) is zero, so a prompt's tokens (weight 0) get their
+    logprobs from a forward alone and a zero gradient for their hidden states. The live positions
+    are chunked on their own, the others after them."""
+    live = live_positions(logprob_grads)
+    everywhere = len(live) == len(targets)
     values, hidden_grads = [], []
     leaves: list[torch.Tensor] = []
     leaf_grads: list[torch.Tensor] = []
     buffers: dict[str, torch.Tensor] = {}
-    for start in range(0, len(targets), size):
-        piece = hidden[start : start + size].detach().requires_grad_()
+    live_hidden = hidden if everywhere else hidden.detach().index_select(0, live)
+    live_targets = targets if everywhere else targets.index_select(0, live)
+    live_grads = logprob_grads if everywhere else logprob_grads.index_select(0, live)
+    for start in range(0, len(live), size):
+        piece = live_hidden[start : start + size].detach().requires_grad_()
         logits = head(piece)
         if start == 0:  # every chunk runs the same head, so it reaches the same leaves
             leaves = [leaf for leaf in graph_leaves(logits) if leaf is not piece]
         logprobs, logits_grad = logprobs_and_logits_grad(
-            logits, targets[start : start + size], logprob_grads[start : start + size], buffers
+            logits, live_targets[start : start + size], live_grads[start : start + size], buffers
         )
         piece_grad, *grads = torch.autograd.grad(logits, [piece, *leaves], grad_outputs=logits_grad)
         values.append(logprobs)
@@ -284,8 +318,38 @@ def _logprobs_with_known_gradient(
             leaf_grads = grads
         else:
             leaf_grads = [total + grad for total, grad in zip(leaf_grads, grads, strict=True)]
-    computed = _Computed(logprob_grads, torch.cat(hidden_grads), leaf_grads)
-    return _KnownGradient.apply(hidden, torch.cat(values), computed, *leaves)
+    if not leaves:  # no live position: the head's leaves, for their zero gradients
+        with torch.enable_grad():
+            probe = hidden[:1].detach().requires_grad_()
+            leaves = [leaf for leaf in graph_leaves(head(probe)) if leaf is not probe]
+        leaf_grads = [torch.zeros_like(leaf) for leaf in leaves]
+    if everywhere:
+        logprobs, hidden_grad = torch.cat(values), torch.cat(hidden_grads)
+    else:
+        logprobs = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        hidden_grad = torch.zeros_like(hidden)
+        if values:
+            logprobs.index_copy_(0, live, torch.cat(values))
+            hidden_grad.index_copy_(0, live, torch.cat(hidden_grads))
+        idle = torch.ones(len(targets), dtype=torch.bool, device=hidden.device)
+        idle[live] = False
+        idle = idle.nonzero().squeeze(1)
+        idle_hidden, idle_targets = hidden.detach().index_select(0, idle), targets[idle]
+        with torch.no_grad():
+            for start in range(0, len(idle), size):
+                logits = head(idle_hidden[start : start + size])
+                piece = chunk_logprobs(logits, idle_targets[start : start + size], buffers)
+                logprobs.index_copy_(0, idle[start : start + size], piece)
+    computed = _Computed(logprob_grads, hidden_grad, leaf_grads)
+    return _KnownGradient.apply(hidden, logprobs, computed, *leaves)
+
+
+def live_positions(logprob_grads: torch.Tensor) -> torch.Tensor:
+    """The indices of the positions whose ∂L/∂logprobs (one per position, or K) is not zero."""
+    nonzero = logprob_grads != 0
+    if nonzero.dim() == 2:
+        nonzero = nonzero.any(-1)
+    return nonzero.nonzero().squeeze(1)
 
 
 def target_logprobs(
