@@ -20,7 +20,7 @@ SmolLM2-135M, whose unembedding is a fifth of its weights). Positions where g is
 prompt, weight 0 — have a zero ∂L/∂logits, so only the others go through the unembedding's
 backward; the rest get their logprobs from a forward alone (workload b of
 `benchmarks/train_throughput.py`: 32–46% of the tokens are weighted, and the unembedding's
-backward shrinks accordingly, about 4% of a step).
+backward shrinks accordingly: about 3% of a step).
 
 With `checkpoint_layers`, each decoder layer runs under activation checkpointing: its inputs are
 kept and everything inside it is recomputed in the backward pass (about one more forward of the
