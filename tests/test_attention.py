@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from bios.models.attention import attention_forward, segment_mask, uses_attention
+from bios.models.attention import (
+    attention_forward,
+    cache_dtype,
+    segment_mask,
+    uses_attention,
+)
 from bios.models.loading import load_model
 from bios.models.rms_norm import fuse_rms_norms
 from bios.models.swiglu import fuse_swiglu_mlps
@@ -192,23 +197,61 @@ def test_bf16_attention_keeps_its_inputs_and_output_in_bf16(masked):
     )
 
 
-@pytest.mark.parametrize("queries", [1, 9], ids=["decoding", "unmasked prompt"])
-def test_without_a_mask_or_for_one_query_it_is_transformers_attention(queries):
-    """One query (a decoding step, masked or not) or a causal prompt without a mask: the same
-    bits as transformers' own SDPA function, in the model's dtype, values and gradients."""
+def test_without_a_mask_it_is_transformers_attention():
+    """A causal prompt without a mask: the same bits as transformers' own SDPA function, in the
+    model's dtype, values and gradients."""
     generator = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 6, queries, 64, generator=generator).bfloat16()
+    q = torch.randn(1, 6, 9, 64, generator=generator).bfloat16()
     k, v = (torch.randn(1, 2, 9, 64, generator=generator).bfloat16() for _ in range(2))
-    cotangent = torch.randn(1, queries, 6, 64, generator=generator).bfloat16()
-    masks = [None, torch.zeros(1, 1, 1, 9).bfloat16()] if queries == 1 else [None]
-    for mask in masks:
-        results = []
-        for function in (attention_forward, sdpa_attention_forward):
-            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-            output, _ = function(Module(3), *leaves, mask)
-            results.append((output, *torch.autograd.grad(output, leaves, cotangent)))
-        for ours, theirs in zip(*results, strict=True):
-            assert torch.equal(ours, theirs)
+    cotangent = torch.randn(1, 9, 6, 64, generator=generator).bfloat16()
+    results = []
+    for function in (attention_forward, sdpa_attention_forward):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        output, _ = function(Module(3), *leaves, None)
+        results.append((output, *torch.autograd.grad(output, leaves, cotangent)))
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("cache", ["bf16 cache", "float32 cache"])
+def test_one_query_of_a_bf16_model_is_float32_attention(cache):
+    """A decoding step of a bf16 model on the CPU (one query over the cache, masked or not) is
+    torch's SDPA computed on float32 copies, output and gradients rounded to bf16 once,
+    bit for bit — over a bf16 cache or the float32 one decoding keeps (`cache_dtype`) — and
+    within bf16 rounding of a float64 computation. A float32 model's step is transformers' own."""
+    assert cache_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert cache_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    assert cache_dtype(torch.bfloat16, torch.device("meta")) == torch.bfloat16  # not a CPU
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 6, 1, 64, generator=generator).bfloat16()
+    kv_dtype = torch.float32 if cache == "float32 cache" else torch.bfloat16
+    k, v = (torch.randn(3, 2, 9, 64, generator=generator).to(kv_dtype) for _ in range(2))
+    cotangent = torch.randn(3, 1, 6, 64, generator=generator).bfloat16()
+    padding = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    padding[1, ..., :4] = False  # row 1's prompt was shorter: left padding
+    for mask in (None, padding):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        output, _ = attention_forward(Module(3), *leaves, mask)
+        ours = (output, *torch.autograd.grad(output, leaves, cotangent))
+        wide = [x.float().requires_grad_() for x in (q, k, v)]
+        expected = F.scaled_dot_product_attention(*wide, attn_mask=mask, enable_gqa=True)
+        expected = expected.transpose(1, 2)
+        theirs = (expected, *torch.autograd.grad(expected, wide, cotangent.float()))
+        assert output.dtype == torch.bfloat16
+        for mine, reference, leaf in zip(ours, theirs, (output, *leaves), strict=True):
+            assert torch.equal(mine, reference.to(leaf.dtype))
+        # float64 reference, by the formula: softmax(q·kᵀ/8 + mask)·v, grouped heads
+        q64, k64, v64 = (x.double() for x in (q, k, v))
+        scores = q64 @ k64.repeat_interleave(3, dim=1).transpose(-1, -2) / 8
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        by_hand = (scores.softmax(-1) @ v64.repeat_interleave(3, dim=1)).transpose(1, 2)
+        torch.testing.assert_close(output.double(), by_hand, atol=1e-2, rtol=1e-2)
+    # A float32 model: transformers' own function, unchanged.
+    leaves = [x.float() for x in (q, k, v)]
+    ours, _ = attention_forward(Module(3), *leaves, padding)
+    theirs, _ = sdpa_attention_forward(Module(3), *leaves, padding)
+    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

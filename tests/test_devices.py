@@ -299,8 +299,8 @@ def test_service_client_device_end_to_end(device, llama, no_process_engine, monk
     seen: dict[str, set] = {"cache": set(), "logits": set(), "mask": set()}
     batch_cache, choose_tokens = decoding.batch_cache, decoding.choose_tokens
 
-    def recording_cache(caches, counts, steps):
-        cache, mask = batch_cache(caches, counts, steps)
+    def recording_cache(caches, counts, steps, dtype=None):
+        cache, mask = batch_cache(caches, counts, steps, dtype)
         seen["cache"].add(cache.layers[0].keys.device)
         seen["mask"].add(None if mask is None else mask.device)
         return cache, mask
@@ -390,6 +390,40 @@ def test_bf16_lora_trains_in_float32_and_samples_greedily_as_generate(family, ti
     assert got == expected
     several = sampler.sample(ModelInput.from_ints(prompt), 4, SamplingParams(max_tokens=5, seed=2))
     assert all(len(s.tokens) >= 1 for s in several.result().sequences)
+
+
+@pytest.mark.parametrize("samples", [1, MIN_ROWS + 1])
+def test_bf16_decoding_keeps_a_float32_cache(samples, llama, engines, monkeypatch):
+    """A bf16 model's decode on the CPU keeps its KV cache in float32 (`cache_dtype`: one query
+    attends in float32), and a sample's logprobs at T = 1 (the model's own) stay within the bf16
+    bounds above of the float32 model's logprobs of the same tokens, and of the bf16 model's
+    own forward of them. A float32 model's cache is float32 as before."""
+    caches: list[torch.dtype] = []
+    batch_cache = decoding.batch_cache
+
+    def recording_cache(caches_, counts, steps, dtype=None):
+        cache, mask = batch_cache(caches_, counts, steps, dtype)
+        caches.append(cache.layers[0].keys.dtype)
+        return cache, mask
+
+    monkeypatch.setattr(decoding, "batch_cache", recording_cache)
+    prompt = [5, 17, 42, 9, 3, 11]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=4, stop=[])
+    sampler = ServiceClient(engine=engines["bf16"]).create_sampling_client(base_model=llama)
+    sequences = sampler.sample(ModelInput.from_ints(prompt), samples, params).result().sequences
+    assert caches == [torch.float32]
+    exact = ServiceClient(engine=engines["fp32"]).create_sampling_client(base_model=llama)
+    for sequence in sequences:
+        assert len(sequence.tokens) == 8
+        tokens = ModelInput.from_ints(prompt + sequence.tokens)
+        sampled = torch.tensor(sequence.logprobs)
+        for reference in (exact, sampler):
+            scored = torch.tensor(reference.compute_logprobs(tokens).result()[len(prompt) :])
+            assert float((sampled - scored).abs().max()) < TOKEN_ABS_BOUND
+            relative = float((sampled.sum() - scored.sum()).abs() / scored.sum().abs())
+            assert relative < SUM_RELATIVE_BOUND, relative
+    exact.sample(ModelInput.from_ints(prompt), samples, params).result()
+    assert caches == [torch.float32, torch.float32]
 
 
 def test_bf16_full_fine_tuning_keeps_float32_master_weights(llama, engines):

@@ -56,6 +56,7 @@ from transformers import DynamicCache
 from bios.engine.fused_norms import fused_rms_norms
 from bios.engine.kv_cache import batch_cache
 from bios.engine.packed import MIN_ROWS, PackedLinears, native_gemv, wants_native_gemv
+from bios.models.attention import cache_dtype
 from bios.types import SampledSequence, SampleResponse, StopReason
 
 
@@ -512,7 +513,8 @@ class Decoder:
     def _build_cache(self, batch: _Batch, prefills: list[_Prefill]) -> None:
         caches = [prefills[s.request].cache for s in batch.segments]
         counts = [s.rows.stop - s.rows.start for s in batch.segments]
-        batch.cache, batch.mask = batch_cache(caches, counts, self.steps)
+        dtype = cache_dtype(caches[0].layers[0].keys.dtype, self.device)
+        batch.cache, batch.mask = batch_cache(caches, counts, self.steps, dtype)
         for prefill in prefills:
             prefill.cache = None  # the batch cache holds copies now
 

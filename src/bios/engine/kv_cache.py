@@ -1,7 +1,8 @@
 """The decode batch's KV cache: prompts' caches combined, and appended to in place.
 
 `batch_cache` turns the batch-1 caches of the prompts (one prefill each) into the cache of a
-decode batch, on their device and in their dtype: prompt j's keys and values fill `counts[j]`
+decode batch, on their device, in their dtype or the one asked for (float32 for a 16-bit model on
+the CPU, `bios.models.attention.cache_dtype`): prompt j's keys and values fill `counts[j]`
 consecutive rows, left-padded with zeros to the longest prompt, and an attention mask (1 = real,
 0 = padding) hides the padding. Zeros, not uninitialised memory, so a masked position is finite:
 attention weights it by exactly 0, and 0 · NaN would still be NaN.
@@ -59,9 +60,11 @@ class BufferLayer(DynamicLayer):
 
 
 def batch_cache(
-    caches: list[DynamicCache], counts: list[int], steps: int
+    caches: list[DynamicCache], counts: list[int], steps: int, dtype: torch.dtype | None = None
 ) -> tuple[DynamicCache, torch.Tensor | None]:
-    """The cache of a decode batch (`counts[j]` rows of prompt j) and its attention mask.
+    """The cache of a decode batch (`counts[j]` rows of prompt j) and its attention mask; its
+    keys and values in `dtype` (default: the prompts'), the new positions cast to it as they are
+    written.
 
     The mask has room for `steps` more positions and is None when every prompt has the same
     length (then nothing is padded and attention needs no mask).
@@ -75,7 +78,8 @@ def batch_cache(
         for name in ("keys", "values"):
             first = getattr(caches[0].layers[index], name)
             room = longest + min(steps, INITIAL_ROOM)
-            buffer = first.new_empty(rows, first.shape[1], room, first.shape[3])
+            shape = (rows, first.shape[1], room, first.shape[3])
+            buffer = first.new_empty(shape, dtype=dtype or first.dtype)
             buffer[:, :, :longest] = 0
             for cache, start, count, length in zip(caches, starts, counts, lengths, strict=True):
                 prompt = getattr(cache.layers[index], name)
