@@ -336,7 +336,8 @@ class Result:
 def make_data(vocab: int, lengths: tuple[int, ...], seed: int = 0) -> Callable[[str], list]:
     """A function objective -> the same sequences with the inputs that objective reads. Policy
     logprobs sit near a uniform model's (-log vocab), so ratios spread around 1; preference and
-    KL weights are 1 on the last two thirds (the "response"), cross-entropy's are random."""
+    KL weights are 1 on the last two thirds (the "response"), cross-entropy's random there and 0
+    on the first third (a prompt's: those positions skip the unembedding's backward)."""
     from bios.types import Datum, ModelInput
 
     generator = torch.Generator().manual_seed(seed)
@@ -347,7 +348,7 @@ def make_data(vocab: int, lengths: tuple[int, ...], seed: int = 0) -> Callable[[
         inputs.append(
             {
                 "target_tokens": sequences[-1][1:],
-                "ce_weights": torch.rand(n, generator=generator),
+                "ce_weights": torch.rand(n, generator=generator) * (torch.arange(n) >= n // 3),
                 "weights": (torch.arange(n) >= n // 3).float(),
                 "logprobs": centre + 0.3 * torch.randn(n, generator=generator),
                 "advantages": torch.randn(n, generator=generator),
