@@ -14,6 +14,10 @@ gradient checkpointing — it prints:
               (`step_bytes`), plain and checkpointed
   total       weights + run + step, what one run's step needs at its peak
 
+and, for sampling, what one decode of 16 samples × (512 prompt + 1536 new tokens) needs besides
+the weights (`sample_bytes`): its KV cache in bf16 (a GPU) and in float32 (what a bf16 model's
+decode keeps on the CPU), and the whole decode's estimate with the bf16 cache.
+
 These are the planner's estimates, not measurements: the tests check that the estimate bounds
 what autograd really keeps (1.1–1.2× of it on the tiny models). Run:
 
@@ -29,7 +33,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bios.engine.batch import pack_sequences
-from bios.engine.memory import GIB, Shape, run_bytes, step_bytes, trainable_parameters
+from bios.engine.decoding import SampleRequest, SampleSettings
+from bios.engine.memory import (
+    GIB,
+    Shape,
+    cache_bytes,
+    run_bytes,
+    sample_bytes,
+    step_bytes,
+    trainable_parameters,
+)
 from bios.models.rms_norm import fuse_rms_norms
 from bios.models.swiglu import fuse_swiglu_mlps
 from bios.types import LoraConfig
@@ -51,6 +64,7 @@ SHAPES = {
     **LLAMA_SHAPES,
 }
 SEQUENCES, LENGTH, RANK = 8, 2048, 32
+SAMPLES, PROMPT, NEW_TOKENS = 16, 512, 1536
 LORA = LoraConfig(rank=RANK)
 
 
@@ -85,6 +99,18 @@ def main() -> None:
             cells = [weights, run, plain, checkpointed, weights + run + plain]
             cells.append(weights + run + checkpointed)
             print(f"| {name} | {setting} | " + " | ".join(f"{c / GIB:.1f}" for c in cells) + " |")
+    settings = SampleSettings(max_tokens=NEW_TOKENS, temperature=1.0, top_k=-1, top_p=1.0, seed=0)
+    request = SampleRequest([0] * PROMPT, SAMPLES, settings)
+    print(f"\nOne decode of {SAMPLES} samples × ({PROMPT} + {NEW_TOKENS}) tokens (GiB):")
+    header = ("model", "KV cache bf16", "KV cache float32 (CPU)", "decode total (bf16 cache)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, shape_config in SHAPES.items():
+        shape = Shape.of(meta_model(shape_config))
+        positions = PROMPT + NEW_TOKENS
+        cells = [cache_bytes(shape, SAMPLES, positions, b) for b in (2, 4)]
+        cells.append(sample_bytes(shape, [request], 2))
+        print(f"| {name} | " + " | ".join(f"{c / GIB:.2f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":

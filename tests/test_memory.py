@@ -102,3 +102,110 @@ def test_trainable_parameters_count_the_adapter(tiny_models, session_engine):
     model = session_engine.worker_of(client.model_id).loaded.model
     counted = sum(p.numel() for p in run.parameters.values())
     assert memory.trainable_parameters(model, run.lora) == counted
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+def kv_cache_by_hand(config, rows: int, positions: int, element_bytes: int) -> int:
+    """Keys and values of every layer: layers × 2 × kv heads × head dim × rows × positions."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = config.num_key_value_heads * head_dim
+    return config.num_hidden_layers * 2 * width * rows * positions * element_bytes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_decode_cache_grows_to_what_the_estimate_counts(
+    family, tiny_models, session_engine, monkeypatch
+):
+    """A decode that runs every row to max_tokens ends with KV buffers of exactly rows × (prompt
+    + max_tokens) positions — they double from a small start but never past that — which is the
+    cache term of `sample_bytes`; the whole estimate bounds it."""
+    import bios.engine.decoding as decoding
+    import bios.engine.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "INITIAL_ROOM", 4)  # grow 9 -> 18 -> 25, not 36
+    caches = []
+    batch_cache = decoding.batch_cache
+
+    def recording(*args):
+        cache, mask = batch_cache(*args)
+        caches.append(cache)
+        return cache, mask
+
+    monkeypatch.setattr(decoding, "batch_cache", recording)
+    sampler = ServiceClient(engine=session_engine).create_sampling_client(
+        base_model=tiny_models[family]
+    )
+    prompt, rows, steps = [5, 17, 42, 9, 3], 3, 20
+    params = {"max_tokens": steps, "seed": 2, "stop": []}
+    response = sampler.sample(prompt, rows, params).result()
+    assert all(len(sequence.tokens) == steps for sequence in response.sequences)
+    (cache,) = caches
+    allocated = sum(b.numel() * b.element_size() for layer in cache.layers for b in layer._buffers)
+    config = session_engine.worker(tiny_models[family]).loaded.model.config
+    assert allocated == kv_cache_by_hand(config, rows, len(prompt) + steps, 4)  # float32
+    session = sampler._session
+    request = session.check_request(prompt, rows, params)
+    shape = memory.Shape.of(session_engine.worker(tiny_models[family]).loaded.model)
+    assert memory.cache_bytes(shape, rows, len(prompt) + steps, 4) == allocated
+    assert memory.sample_bytes(shape, [request], 4) > allocated
+
+
+def test_a_sample_that_does_not_fit_is_refused_and_nothing_is_queued(
+    tiny_models, session_engine, monkeypatch
+):
+    llama = tiny_models["llama"]
+    sampler = ServiceClient(engine=session_engine).create_sampling_client(base_model=llama)
+    session = sampler._session
+    batches = len(session.batch_sizes)
+    config = session_engine.worker(llama).loaded.model.config
+    prompt, rows, steps = list(range(3, 40)), 512, 200
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 64 << 20)  # 64 MiB free
+    with pytest.raises(InvalidInputError) as raised:
+        sampler.sample(prompt, rows, {"max_tokens": steps}, include_prompt_logprobs=True)
+    message = str(raised.value)
+    cache = kv_cache_by_hand(config, rows, len(prompt) + steps, 4)
+    assert message.startswith("num_samples: this request needs about ")
+    assert f"{rows} samples × ({len(prompt)} prompt + {steps} new tokens)" in message
+    assert f"{cache / 2**30:.2f} GiB of KV cache" in message and "0.06 GiB is free" in message
+    assert "sampling_params.max_tokens" in message and "prompt_logprobs_last_n" in message
+    assert session._pending == [] and len(session.batch_sizes) == batches
+    # Scoring a prompt keeps (tokens × vocabulary) logits: with 1 MiB free, 37 tokens of this
+    # 384-token vocabulary fit (37 · 384 · 12 bytes), 500 do not.
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1 << 20)
+    with pytest.raises(InvalidInputError, match=r"^prompt: scoring 500 tokens needs about"):
+        sampler.compute_logprobs([5] * 500)
+    assert sampler.compute_logprobs(prompt).result()[0] is None
+    # A small one fits that 1 MiB and runs.
+    assert len(sampler.sample(prompt, 2, {"max_tokens": 3}).result().sequences) == 2
+
+
+def test_requests_share_a_batch_only_while_it_fits(tiny_models, session_engine, monkeypatch):
+    """Two requests queued together decode as one batch when the pair fits in the free memory,
+    and one after the other when only each alone does: the same tokens either way."""
+    import threading
+
+    llama = tiny_models["llama"]
+    sampler = ServiceClient(engine=session_engine).create_sampling_client(base_model=llama)
+    session = sampler._session
+    shape = memory.Shape.of(session_engine.worker(llama).loaded.model)
+    requests = [
+        ([5, 17, 42], 3, {"max_tokens": 6, "seed": 1}),
+        ([7, 8], 2, {"max_tokens": 9, "seed": 2}),
+    ]
+    checked = [session.check_request(*request) for request in requests]
+    alone = max(memory.sample_bytes(shape, [request], 4) for request in checked)
+    pair = memory.sample_bytes(shape, checked, 4)
+    assert pair > alone
+    results = {}
+    for name, free in (("together", 2 * pair), ("apart", (alone + pair) // 2 / memory.HEADROOM)):
+        monkeypatch.setattr(memory, "free_bytes", lambda device, free=free: int(free))
+        gate = threading.Event()
+        session_engine.worker(llama).submit(gate.wait)  # hold the worker: both get queued
+        futures = [sampler.sample(*request) for request in requests]
+        gate.set()
+        results[name] = [[s.tokens for s in f.result().sequences] for f in futures]
+        sizes = list(session.batch_sizes)
+        assert (sizes[-1:] == [2]) if name == "together" else (sizes[-2:] == [1, 1])
+    assert results["together"] == results["apart"]

@@ -11,7 +11,8 @@ The layers are `DynamicLayer`s (so the model treats the cache as the `DynamicCac
 append into buffers with room to spare. A plain `DynamicLayer` appends with `torch.cat`, copying
 the layer's whole cache at every step: measured at 20-30% of a decode step with 16 rows of
 SmolLM2-135M on CPU. Here a step writes one position, and a full buffer doubles (amortised O(1)
-per token).
+per token), never past the longest prompt + `steps` positions the batch can reach: at most
+`cache_bytes` (`bios.engine.memory`) when every row runs to its end.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ INITIAL_ROOM = 256  # decode positions allocated up front; more are added by dou
 class BufferLayer(DynamicLayer):
     """A `DynamicLayer` whose `keys` / `values` are views of the filled part of larger buffers."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, length: int, limit: int | None = None
+    ) -> None:
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self._buffers, self._length = [keys, values], length
+        self._limit = limit  # the most positions a buffer grows to (unless asked for more)
         self._expose()
 
     def _expose(self) -> None:
@@ -46,7 +50,8 @@ class BufferLayer(DynamicLayer):
             buffer = self._buffers[index]
             if end > buffer.shape[-2]:
                 rows, heads, room, dim = buffer.shape
-                grown = buffer.new_empty(rows, heads, max(end, 2 * room), dim)
+                doubled = 2 * room if self._limit is None else min(2 * room, self._limit)
+                grown = buffer.new_empty(rows, heads, max(end, doubled), dim)
                 grown[:, :, : self._length] = buffer[:, :, : self._length]
                 self._buffers[index] = buffer = grown
             buffer[:, :, self._length : end] = states
@@ -85,7 +90,7 @@ def batch_cache(
                 prompt = getattr(cache.layers[index], name)
                 buffer[start : start + count, :, longest - length : longest] = prompt
             buffers.append(buffer)
-        combined.layers.append(BufferLayer(*buffers, length=longest))
+        combined.layers.append(BufferLayer(*buffers, length=longest, limit=longest + steps))
     if min(lengths) == longest:
         return combined, None
     device = caches[0].layers[0].keys.device

@@ -34,6 +34,26 @@ head dim), k = the key/value width (kv heads × head dim), i = the MLP width, n 
                   log-softmax and its gradient; `engine/forward.py`)
     LoRA          per token and adapted layer, the rank-r intermediate A·x (r × 4 bytes), small
 
+What a decode batch holds at its peak (`sample_bytes`; R rows = the batch's samples, S = its most
+`max_tokens`, P_j its prompts' lengths, P the longest, c = bytes per element of the KV cache's
+dtype, `bios.models.attention.cache_dtype`: float32 for a bf16 model on the CPU, V the vocabulary,
+K the most `topk_sample_logprobs` asked):
+
+    KV cache      L · 2k · R · (P + S) · c: every row's keys and values (the buffers grow to no
+                  more, `bios.engine.kv_cache`), plus one layer's while its buffers are copied
+                  into larger ones, plus the prompts' own caches, L · 2k · Σ P_j · b, held
+                  until the batch's is built from them
+    decode state  R · S · (12 + 12·K): the tokens (int64), their logprobs (float32), the top-K
+    a step        R · V · (b + 48): the new logits and their float32 copy, the logits chosen
+                  from, and the token choice's float32/int64 temporaries (sorting for top-p)
+    a prefill     (its largest prompt) P · (b·(5h + 2q + 2k + 3i) + 4·(q + 2k)): one layer's
+                  tensors without gradients, float32 attention copies on the CPU; and the
+                  logits kept for its prompt logprobs, (N + 1) · V · (b + 8) with N the positions
+                  scored (all of the prompt, or `prompt_logprobs_last_n`)
+
+the larger of a step and a prefill counted once. Each `sample` call is checked alone when it
+arrives; requests that arrive together share a batch only while the batch's estimate fits.
+
 A run holds its trainable parameters in float32 four times over: weights, gradients, and the
 two AdamW moments (16 bytes a parameter); a full fine-tuning run also its own copy of the model.
 
@@ -44,12 +64,14 @@ torch's caching allocator holds unused) or the host's `MemAvailable`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bios.engine.batch import PackedBatch
+from bios.engine.decoding import SampleRequest
 from bios.engine.forward import chunk_tokens_for
 from bios.errors import InvalidInputError
 from bios.models.attention import takes_segments
@@ -150,6 +172,82 @@ def step_bytes(
     logits = chunk * shape.vocab * 4 * 3
     lora = shape.layers * tokens * 7 * 4 * (lora_rank or 0)  # 7 adapted projections a layer
     return activations + around + attention + logits + lora
+
+
+def cache_bytes(shape: Shape, rows: int, positions: int, element_bytes: int) -> int:
+    """The keys and values of every layer for `rows` rows of `positions` positions."""
+    return shape.layers * 2 * shape.kv_width * rows * positions * element_bytes
+
+
+def scored_positions(request: SampleRequest) -> int:
+    """How many prompt positions a request's prefill scores (whose logits it keeps)."""
+    if not (request.prompt_logprobs or request.topk_prompt_logprobs > 0):
+        return 0
+    last_n = request.prompt_logprobs_last_n
+    return len(request.prompt) - 1 if last_n is None else last_n
+
+
+def sample_bytes(shape: Shape, requests: Sequence[SampleRequest], cache_element_bytes: int) -> int:
+    """What decoding `requests` as one batch holds at its peak (see the module docstring)."""
+    b, h, k = shape.dtype_bytes, shape.hidden, shape.kv_width
+    q, i, vocab = shape.q_width, shape.intermediate, shape.vocab
+    rows = sum(r.num_samples for r in requests)
+    steps = max(r.settings.max_tokens for r in requests)
+    longest = max(len(r.prompt) for r in requests)
+    top_k = max(r.topk_sample_logprobs for r in requests)
+    cache = cache_bytes(shape, rows, longest + steps, cache_element_bytes)
+    cache += cache // shape.layers  # one layer's buffers while they grow
+    cache += cache_bytes(shape, 1, sum(len(r.prompt) for r in requests), b)
+    state = rows * steps * (12 + 12 * top_k)
+    step = rows * vocab * (b + 48)
+    prefill = max(
+        len(r.prompt) * (b * (5 * h + 2 * q + 2 * k + 3 * i) + 4 * (q + 2 * k))
+        + (scored_positions(r) + 1) * vocab * (b + 8)
+        for r in requests
+    )
+    return cache + state + max(step, prefill)
+
+
+def check_sample_fits(
+    shape: Shape,
+    request: SampleRequest,
+    cache_element_bytes: int,
+    device: torch.device,
+    scoring_only: bool = False,
+) -> None:
+    """Refuse a `sample` request whose decode would not fit, naming the numbers and what to
+    change; with `scoring_only`, a prompt scored without decoding (`compute_logprobs`)."""
+    needed = sample_bytes(shape, [request], cache_element_bytes)
+    free = free_bytes(device)
+    if needed <= HEADROOM * free:
+        return
+    if scoring_only:
+        raise InvalidInputError(
+            "prompt",
+            f"scoring {len(request.prompt)} tokens needs about {gib(needed)} on {device} (their "
+            f"logits over a {shape.vocab}-token vocabulary) but {gib(free)} is free; score a "
+            "shorter prompt, or sample with prompt_logprobs_last_n for the last positions only",
+        )
+    steps = request.settings.max_tokens
+    cache = cache_bytes(
+        shape, request.num_samples, len(request.prompt) + steps, cache_element_bytes
+    )
+    advice = ["fewer samples (num_samples)", "fewer new tokens (sampling_params.max_tokens)"]
+    if scored_positions(request) > 1:
+        advice.append("prompt logprobs for fewer positions (prompt_logprobs_last_n)")
+    raise InvalidInputError(
+        "num_samples",
+        f"this request needs about {gib(needed)} on {device} to decode ({request.num_samples} "
+        f"samples × ({len(request.prompt)} prompt + {steps} new tokens): {gib(cache)} of KV "
+        f"cache) but {gib(free)} is free; ask for " + ", or ".join(advice),
+    )
+
+
+def sample_batch_fits(
+    shape: Shape, requests: Sequence[SampleRequest], cache_element_bytes: int, device: torch.device
+) -> bool:
+    """Whether `requests` decoded as one batch fit in what `device` has free now."""
+    return sample_bytes(shape, requests, cache_element_bytes) <= HEADROOM * free_bytes(device)
 
 
 def trainable_parameters(model: nn.Module, lora: LoraConfig | None) -> int:

@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bios.checkpoints.layout import FULL_WEIGHTS_FILE, has_adapter, has_full_weights, read_state
+from bios.engine import memory
 from bios.engine.decoding import (
     Decoder,
     SampleRequest,
@@ -52,6 +53,7 @@ from bios.engine.decoding import (
 from bios.engine.runs import Run
 from bios.engine.worker import ModelWorker
 from bios.errors import InvalidInputError
+from bios.models.attention import cache_dtype
 from bios.models.loading import load_model
 from bios.models.lora import LoRAAdapter, find_targets
 from bios.types import ModelInput, SampledSequence, SampleResponse, SamplingParams
@@ -92,6 +94,9 @@ class SamplingSession:
         self._pending: list[tuple[SampleRequest, Future]] = []
         self._lock = threading.Lock()
         self.batch_sizes: deque[int] = deque(maxlen=256)  # requests per decode batch, latest last
+        # What a decode's memory depends on (`bios.engine.memory.sample_bytes`).
+        self._shape = memory.Shape.of(full_model if full_model is not None else worker.loaded.model)
+        self._cache_bytes = cache_dtype(worker.dtype, worker.device).itemsize
 
     @classmethod
     def of_run(cls, worker: ModelWorker, run: Run) -> SamplingSession:
@@ -187,6 +192,11 @@ class SamplingSession:
     def compute_logprobs(self, prompt: ModelInput | Sequence[int]) -> Future[list[float | None]]:
         """log p(prompt[i] | prompt[:i]) under this session's weights; None at position 0."""
         tokens = self._check_prompt(prompt)
+        settings = SampleSettings(max_tokens=1, temperature=1.0, top_k=-1, top_p=1.0, seed=0)
+        scoring = SampleRequest(tokens, 1, settings, prompt_logprobs=True)
+        memory.check_sample_fits(
+            self._shape, scoring, self._cache_bytes, self.worker.device, scoring_only=True
+        )
 
         def run() -> list[float | None]:
             with self.model() as model:
@@ -200,7 +210,7 @@ class SamplingSession:
             taken, rows = 0, 0
             while taken < len(self._pending):
                 count = self._pending[taken][0].num_samples
-                if taken > 0 and rows + count > self.max_batch_rows:
+                if taken > 0 and (rows + count > self.max_batch_rows or not self._fits(taken + 1)):
                     break
                 taken, rows = taken + 1, rows + count
             batch, self._pending = self._pending[:taken], self._pending[taken:]
@@ -209,6 +219,13 @@ class SamplingSession:
             return  # an earlier drain took them
         self.batch_sizes.append(len(batch))
         self._turn(self._decode_turns([r for r, _ in batch]), batch)
+
+    def _fits(self, count: int) -> bool:
+        """Whether the first `count` pending requests fit in memory decoded as one batch."""
+        requests = [request for request, _ in self._pending[:count]]
+        return memory.sample_batch_fits(
+            self._shape, requests, self._cache_bytes, self.worker.device
+        )
 
     def _turn(
         self,
@@ -328,7 +345,7 @@ class SamplingSession:
                     f"got {prompt_logprobs_last_n!r}",
                 )
         settings = self._check_params(sampling_params, len(tokens))
-        return SampleRequest(
+        request = SampleRequest(
             tokens,
             num_samples,
             settings,
@@ -337,6 +354,8 @@ class SamplingSession:
             topk_sample_logprobs=topk_sample_logprobs,
             prompt_logprobs_last_n=prompt_logprobs_last_n,
         )
+        memory.check_sample_fits(self._shape, request, self._cache_bytes, self.worker.device)
+        return request
 
     def _check_params(
         self, params: SamplingParams | dict[str, Any], prompt_length: int
