@@ -36,8 +36,9 @@ bits, and only what is kept changes (the output once). On CUDA, for a float32 mo
 decoding step and for a prefill over a cache without a mask, transformers' function runs as is.
 
 A 16-bit model's decoding step on the CPU (one query a row over the KV cache) attends in float32
-too (`decode_attention`): torch's bf16 kernel for one query re-lays out the whole cache for its
-matrix units at every call, 5× the float32 kernel's time for 16 rows over 170 positions. The
+too (`decode_attention`): torch's bf16 kernel for one query takes 5× the float32 kernel's time
+for 16 rows over 170 positions (measured; its cost grows with the cache as a per-call repacking
+of keys and values would). The
 decode keeps its cache in float32 for it (`cache_dtype`), so only the query is cast.
 """
 
@@ -152,11 +153,11 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query per row over a (float32) KV cache, for a 16-bit model on the CPU:
     softmax(q·kᵀ·scale + mask)·v in float32, returned as (batch, 1, heads, head dim) in the
-    query's dtype. torch's bf16 CPU kernel for one query re-lays out the whole cache for its
-    matrix units at every call: on SmolLM2's heads, 16 rows over 170 cached positions, 1.7 ms a
-    layer against 0.3 ms in float32 (1 row: 0.18 against 0.07 ms; measured on a 2-core AMD EPYC
-    with `avx512_bf16`). The cache then keeps float32 keys and values (`cache_dtype`), twice
-    bf16's bytes, so nothing is cast but the query; a bf16 cache is cast here."""
+    query's dtype. torch's bf16 CPU kernel for one query is the slow one: on SmolLM2's heads,
+    16 rows over 170 cached positions, 1.7 ms a layer against 0.3 ms in float32 (1 row: 0.18
+    against 0.07 ms; a 2-core AMD EPYC with `avx512_bf16`). The cache then keeps float32 keys
+    and values (`cache_dtype`), twice bf16's bytes, so nothing is cast but the query; a bf16
+    cache is cast here."""
     dtype = torch.promote_types(compute_dtype(query.dtype, query.device), key.dtype)
     mask = attention_mask
     if mask is not None and mask.dtype != torch.bool:
