@@ -152,30 +152,37 @@ def test_a_decode_cache_grows_to_what_the_estimate_counts(
     assert memory.sample_bytes(shape, [request], 4) > allocated
 
 
-def test_a_sample_that_does_not_fit_is_refused_and_nothing_is_queued(
-    tiny_models, session_engine, monkeypatch
+@pytest.mark.parametrize("when", ["arriving", "decoding"])
+def test_a_sample_that_does_not_fit_is_refused_and_nothing_is_decoded(
+    when, tiny_models, session_engine, monkeypatch
 ):
+    """A request that cannot fit in all of the device's memory is refused when it arrives; one
+    that cannot fit in what is free when the worker gets to it fails then, through its future,
+    with nothing decoded. Either way the error names the numbers and what to ask for instead."""
     llama = tiny_models["llama"]
     sampler = ServiceClient(engine=session_engine).create_sampling_client(base_model=llama)
     session = sampler._session
     batches = len(session.batch_sizes)
     config = session_engine.worker(llama).loaded.model.config
     prompt, rows, steps = list(range(3, 40)), 512, 200
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 64 << 20)  # 64 MiB free
+    name = "total_bytes" if when == "arriving" else "free_bytes"
+    monkeypatch.setattr(memory, name, lambda device: 64 << 20)  # 64 MiB
     with pytest.raises(InvalidInputError) as raised:
-        sampler.sample(prompt, rows, {"max_tokens": steps}, include_prompt_logprobs=True)
+        sampler.sample(prompt, rows, {"max_tokens": steps}, include_prompt_logprobs=True).result()
     message = str(raised.value)
     cache = kv_cache_by_hand(config, rows, len(prompt) + steps, 4)
     assert message.startswith("num_samples: this request needs about ")
     assert f"{rows} samples × ({len(prompt)} prompt + {steps} new tokens)" in message
-    assert f"{cache / 2**30:.2f} GiB of KV cache" in message and "0.06 GiB is free" in message
+    assert f"{cache / 2**30:.2f} GiB of KV cache" in message
+    has = "cpu has 0.06 GiB in all" if when == "arriving" else "0.06 GiB is free"
+    assert f"but {has}; ask for fewer samples" in message
     assert "sampling_params.max_tokens" in message and "prompt_logprobs_last_n" in message
     assert session._pending == [] and len(session.batch_sizes) == batches
-    # Scoring a prompt keeps (tokens × vocabulary) logits: with 1 MiB free, 37 tokens of this
+    # Scoring a prompt keeps (tokens × vocabulary) logits: with 1 MiB, 37 tokens of this
     # 384-token vocabulary fit (37 · 384 · 12 bytes), 500 do not.
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(memory, name, lambda device: 1 << 20)
     with pytest.raises(InvalidInputError, match=r"^prompt: scoring 500 tokens needs about"):
-        sampler.compute_logprobs([5] * 500)
+        sampler.compute_logprobs([5] * 500).result()
     assert sampler.compute_logprobs(prompt).result()[0] is None
     # A small one fits that 1 MiB and runs.
     assert len(sampler.sample(prompt, 2, {"max_tokens": 3}).result().sequences) == 2

@@ -52,7 +52,10 @@ K the most `topk_sample_logprobs` asked):
                   scored (all of the prompt, or `prompt_logprobs_last_n`)
 
 the larger of a step and a prefill counted once. Each `sample` call is checked alone when it
-arrives; requests that arrive together share a batch only while the batch's estimate fits.
+arrives, against all of the device's memory (what can never fit is refused at once), and again
+against the free memory when the worker is about to decode it (its future then fails with the
+same kind of error, nothing decoded); requests that arrive together share a batch only while the
+batch's estimate fits.
 
 A run holds its trainable parameters in float32 four times over: weights, gradients, and the
 two AdamW moments (16 bytes a parameter); a full fine-tuning run also its own copy of the model.
@@ -64,6 +67,7 @@ torch's caching allocator holds unused) or the host's `MemAvailable`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -208,25 +212,41 @@ def sample_bytes(shape: Shape, requests: Sequence[SampleRequest], cache_element_
     return cache + state + max(step, prefill)
 
 
+def total_bytes(device: torch.device) -> int:
+    """All of `device`'s memory: the most any request could have. Read without I/O (a file read
+    would release the GIL in the caller's thread between a burst's requests and let the worker
+    split them into other batches)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # no such sysconf here: nothing to plan against
+        return 1 << 62
+
+
 def check_sample_fits(
     shape: Shape,
     request: SampleRequest,
     cache_element_bytes: int,
     device: torch.device,
+    now: bool = False,
     scoring_only: bool = False,
 ) -> None:
     """Refuse a `sample` request whose decode would not fit, naming the numbers and what to
-    change; with `scoring_only`, a prompt scored without decoding (`compute_logprobs`)."""
+    change: in all of the device's memory (when it arrives), or `now` in what is free (when the
+    worker is about to decode it); with `scoring_only`, a prompt scored without decoding
+    (`compute_logprobs`)."""
     needed = sample_bytes(shape, [request], cache_element_bytes)
-    free = free_bytes(device)
-    if needed <= HEADROOM * free:
+    available = free_bytes(device) if now else total_bytes(device)
+    if needed <= HEADROOM * available:
         return
+    has = f"{gib(available)} is free" if now else f"{device} has {gib(available)} in all"
     if scoring_only:
         raise InvalidInputError(
             "prompt",
             f"scoring {len(request.prompt)} tokens needs about {gib(needed)} on {device} (their "
-            f"logits over a {shape.vocab}-token vocabulary) but {gib(free)} is free; score a "
-            "shorter prompt, or sample with prompt_logprobs_last_n for the last positions only",
+            f"logits over a {shape.vocab}-token vocabulary) but {has}; score a shorter prompt, "
+            "or sample with prompt_logprobs_last_n for the last positions only",
         )
     steps = request.settings.max_tokens
     cache = cache_bytes(
@@ -239,7 +259,7 @@ def check_sample_fits(
         "num_samples",
         f"this request needs about {gib(needed)} on {device} to decode ({request.num_samples} "
         f"samples × ({len(request.prompt)} prompt + {steps} new tokens): {gib(cache)} of KV "
-        f"cache) but {gib(free)} is free; ask for " + ", or ".join(advice),
+        f"cache) but {has}; ask for " + ", or ".join(advice),
     )
 
 

@@ -199,6 +199,9 @@ class SamplingSession:
         )
 
         def run() -> list[float | None]:
+            device = self.worker.device
+            check = memory.check_sample_fits
+            check(self._shape, scoring, self._cache_bytes, device, now=True, scoring_only=True)
             with self.model() as model:
                 return prompt_logprobs(model, tokens)
 
@@ -214,11 +217,24 @@ class SamplingSession:
                     break
                 taken, rows = taken + 1, rows + count
             batch, self._pending = self._pending[:taken], self._pending[taken:]
-        batch = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
+        batch = [
+            (r, f) for r, f in batch if f.set_running_or_notify_cancel() and self._fits_now(r, f)
+        ]
         if not batch:
             return  # an earlier drain took them
         self.batch_sizes.append(len(batch))
         self._turn(self._decode_turns([r for r, _ in batch]), batch)
+
+    def _fits_now(self, request: SampleRequest, future: Future) -> bool:
+        """Whether `request` fits in the memory free now; if not, its future fails saying so."""
+        try:
+            memory.check_sample_fits(
+                self._shape, request, self._cache_bytes, self.worker.device, now=True
+            )
+        except InvalidInputError as error:
+            future.set_exception(error)
+            return False
+        return True
 
     def _fits(self, count: int) -> bool:
         """Whether the first `count` pending requests fit in memory decoded as one batch."""
