@@ -221,7 +221,7 @@ class SamplingSession:
             (r, f) for r, f in batch if f.set_running_or_notify_cancel() and self._fits_now(r, f)
         ]
         if not batch:
-            return  # an earlier drain took them
+            return  # an earlier drain took them, or none fits the memory free now
         self.batch_sizes.append(len(batch))
         self._turn(self._decode_turns([r for r, _ in batch]), batch)
 
