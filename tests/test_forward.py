@@ -273,6 +273,7 @@ LINEAR_CASES = [
     ("soft", "llama"),
     ("prompts", "llama"),
     ("prompts", "qwen3"),
+    ("soft prompts", "llama"),
     ("unweighted", "qwen2"),
 ]
 
@@ -301,6 +302,8 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
     run = session_engine.run(client.model_id)
     case = loss_fn
     if loss_fn == "soft":
+        data, loss_fn = soft_data(384, seed=3), "cross_entropy"
+    elif loss_fn == "soft prompts":
         data, loss_fn = with_prompts(soft_data(384, seed=3), 0.3), "cross_entropy"
     elif loss_fn in ("prompts", "unweighted"):
         # Prompts (weight 0) skip the unembedding's backward; with no weight anywhere, nothing
@@ -317,7 +320,7 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
     batch = pack_batch(data, objective, 384, 1 << 20)
     config = resolve_config(objective, {})
     known = linear_coefficients(objective, batch.inputs, config, batch.flat_targets())
-    if case in ("prompts", "soft"):  # some positions live, some not
+    if case in ("prompts", "soft prompts"):  # some positions live, some not
         assert 0 < (known != 0).sum() < known.numel()
     # By hand: cross_entropy's L = −c Σ w·logp, so ∂L/∂logp = −c·w.
     coefficient = 0.37 if objective.name != "cross_entropy" else 1.0
