@@ -213,9 +213,9 @@ def sample_bytes(shape: Shape, requests: Sequence[SampleRequest], cache_element_
 
 
 def total_bytes(device: torch.device) -> int:
-    """All of `device`'s memory: the most any request could have. Read without I/O (a file read
-    would release the GIL in the caller's thread between a burst's requests and let the worker
-    split them into other batches)."""
+    """All of `device`'s memory: the most any request could have. Read without I/O: reading
+    `/proc/meminfo` in the caller's thread for each `sample` call changed how a burst of them
+    was batched by the worker (seen in the RL recipe's rollouts)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     try:
