@@ -294,8 +294,9 @@ def _logprobs_with_known_gradient(
     elsewhere ∂L/∂z = G − (Σ G)·softmax(z) is zero, so a prompt's tokens (weight 0) get their
     logprobs from a forward alone and a zero gradient for their hidden states. The live positions
     are chunked on their own, the others after them."""
-    live = live_positions(logprob_grads)
-    everywhere = len(live) == len(targets)
+    weighted = live_positions(logprob_grads)
+    live, idle = weighted.nonzero().squeeze(1), (~weighted).nonzero().squeeze(1)
+    everywhere = len(idle) == 0
     values, hidden_grads = [], []
     leaves: list[torch.Tensor] = []
     leaf_grads: list[torch.Tensor] = []
@@ -331,9 +332,6 @@ def _logprobs_with_known_gradient(
         if values:
             logprobs.index_copy_(0, live, torch.cat(values))
             hidden_grad.index_copy_(0, live, torch.cat(hidden_grads))
-        idle = torch.ones(len(targets), dtype=torch.bool, device=hidden.device)
-        idle[live] = False
-        idle = idle.nonzero().squeeze(1)
         idle_hidden, idle_targets = hidden.detach().index_select(0, idle), targets[idle]
         with torch.no_grad():
             for start in range(0, len(idle), size):
@@ -345,11 +343,10 @@ def _logprobs_with_known_gradient(
 
 
 def live_positions(logprob_grads: torch.Tensor) -> torch.Tensor:
-    """The indices of the positions whose ∂L/∂logprobs (one per position, or K) is not zero."""
+    """(positions,) bool: whether a position's ∂L/∂logprobs (one per position, or K) is not
+    zero."""
     nonzero = logprob_grads != 0
-    if nonzero.dim() == 2:
-        nonzero = nonzero.any(-1)
-    return nonzero.nonzero().squeeze(1)
+    return nonzero.any(-1) if nonzero.dim() == 2 else nonzero
 
 
 def target_logprobs(

@@ -229,18 +229,21 @@ def check_sample_fits(
     request: SampleRequest,
     cache_element_bytes: int,
     device: torch.device,
-    now: bool = False,
+    free: int | None = None,
     scoring_only: bool = False,
 ) -> None:
     """Refuse a `sample` request whose decode would not fit, naming the numbers and what to
-    change: in all of the device's memory (when it arrives), or `now` in what is free (when the
-    worker is about to decode it); with `scoring_only`, a prompt scored without decoding
+    change: in all of the device's memory (when it arrives), or in the `free` bytes read when
+    the worker is about to decode it; with `scoring_only`, a prompt scored without decoding
     (`compute_logprobs`)."""
     needed = sample_bytes(shape, [request], cache_element_bytes)
-    available = free_bytes(device) if now else total_bytes(device)
+    available = total_bytes(device) if free is None else free
     if needed <= HEADROOM * available:
         return
-    has = f"{gib(available)} is free" if now else f"{device} has {gib(available)} in all"
+    if free is None:
+        has = f"{device} has {gib(available)} in all"
+    else:
+        has = f"{gib(available)} is free"
     if scoring_only:
         raise InvalidInputError(
             "prompt",
@@ -264,10 +267,10 @@ def check_sample_fits(
 
 
 def sample_batch_fits(
-    shape: Shape, requests: Sequence[SampleRequest], cache_element_bytes: int, device: torch.device
+    shape: Shape, requests: Sequence[SampleRequest], cache_element_bytes: int, free: int
 ) -> bool:
-    """Whether `requests` decoded as one batch fit in what `device` has free now."""
-    return sample_bytes(shape, requests, cache_element_bytes) <= HEADROOM * free_bytes(device)
+    """Whether `requests` decoded as one batch fit in `free` bytes."""
+    return sample_bytes(shape, requests, cache_element_bytes) <= HEADROOM * free
 
 
 def trainable_parameters(model: nn.Module, lora: LoraConfig | None) -> int:

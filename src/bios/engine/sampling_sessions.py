@@ -200,48 +200,52 @@ class SamplingSession:
 
         def run() -> list[float | None]:
             device = self.worker.device
+            free = memory.free_bytes(device)
             check = memory.check_sample_fits
-            check(self._shape, scoring, self._cache_bytes, device, now=True, scoring_only=True)
+            check(self._shape, scoring, self._cache_bytes, device, free, scoring_only=True)
             with self.model() as model:
                 return prompt_logprobs(model, tokens)
 
         return self.worker.submit(run, lane=self.lane)
 
     def _drain(self) -> None:
-        """Start decoding the pending requests (up to `max_batch_rows` rows) as one batch."""
+        """Start decoding the pending requests (up to `max_batch_rows` rows, and what fits in
+        the memory free now) as one batch."""
+        free = memory.free_bytes(self.worker.device)  # read once, outside the lock
         with self._lock:
             taken, rows = 0, 0
             while taken < len(self._pending):
                 count = self._pending[taken][0].num_samples
-                if taken > 0 and (rows + count > self.max_batch_rows or not self._fits(taken + 1)):
+                too_many = rows + count > self.max_batch_rows
+                if taken > 0 and (too_many or not self._fits(taken + 1, free)):
                     break
                 taken, rows = taken + 1, rows + count
             batch, self._pending = self._pending[:taken], self._pending[taken:]
         batch = [
-            (r, f) for r, f in batch if f.set_running_or_notify_cancel() and self._fits_now(r, f)
+            (r, f)
+            for r, f in batch
+            if f.set_running_or_notify_cancel() and self._fits_now(r, f, free)
         ]
         if not batch:
             return  # an earlier drain took them, or none fits the memory free now
         self.batch_sizes.append(len(batch))
         self._turn(self._decode_turns([r for r, _ in batch]), batch)
 
-    def _fits_now(self, request: SampleRequest, future: Future) -> bool:
-        """Whether `request` fits in the memory free now; if not, its future fails saying so."""
+    def _fits_now(self, request: SampleRequest, future: Future, free: int) -> bool:
+        """Whether `request` fits in the `free` bytes; if not, its future fails saying so."""
         try:
             memory.check_sample_fits(
-                self._shape, request, self._cache_bytes, self.worker.device, now=True
+                self._shape, request, self._cache_bytes, self.worker.device, free
             )
         except InvalidInputError as error:
             future.set_exception(error)
             return False
         return True
 
-    def _fits(self, count: int) -> bool:
-        """Whether the first `count` pending requests fit in memory decoded as one batch."""
+    def _fits(self, count: int, free: int) -> bool:
+        """Whether the first `count` pending requests fit in `free` bytes decoded as one batch."""
         requests = [request for request, _ in self._pending[:count]]
-        return memory.sample_batch_fits(
-            self._shape, requests, self._cache_bytes, self.worker.device
-        )
+        return memory.sample_batch_fits(self._shape, requests, self._cache_bytes, free)
 
     def _turn(
         self,

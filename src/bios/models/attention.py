@@ -38,8 +38,8 @@ decoding step and for a prefill over a cache without a mask, transformers' funct
 A 16-bit model's decoding step on the CPU (one query a row over the KV cache) attends in float32
 too (`decode_attention`): torch's bf16 kernel for one query takes 5× the float32 kernel's time
 for 16 rows over 170 positions (measured; its cost grows with the cache as a per-call repacking
-of keys and values would). The
-decode keeps its cache in float32 for it (`cache_dtype`), so only the query is cast.
+of keys and values would). The decode keeps its cache in float32 for it (`cache_dtype`), so
+only the query is cast.
 """
 
 from __future__ import annotations
