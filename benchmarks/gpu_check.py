@@ -3,6 +3,7 @@ on one H200).
 
     python benchmarks/gpu_check.py [--json out.json]
     python benchmarks/gpu_check.py --allow-cpu --tiny       # its code on the CPU, tiny configs
+    python benchmarks/gpu_check.py --parts ii,iii           # a rerun of some parts only
 
 Where torch sees no CUDA GPU it refuses with one line and exit status 2. `--allow-cpu --tiny` is
 for debugging the script itself: every part runs, on the CPU, with tiny configs and short
@@ -993,6 +994,11 @@ def parse_args() -> argparse.Namespace:
         "--workdir", type=Path, help="where the models are saved (default: a temp folder)"
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument(
+        "--parts",
+        default="i,ii,iii",
+        help="which parts to run, comma-separated (default: i,ii,iii): a rerun of one part",
+    )
     return parser.parse_args()
 
 
@@ -1056,6 +1062,10 @@ def main() -> None:
         import peft  # noqa: F401
     except ImportError:
         refuse("peft not installed: the plain loops and the references need it")
+    parts = set(args.parts.split(","))
+    unknown = parts - {"i", "ii", "iii"}
+    if unknown:
+        refuse(f"--parts: expected some of i, ii, iii, got {', '.join(sorted(unknown))}")
     import_bios()
     # Known and harmless here: peft's note on an adapted tied lm_head, transformers deprecations.
     warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
@@ -1075,6 +1085,8 @@ def main() -> None:
             ("ii training", bench_training),
             ("iii sampling", bench_sampling),
         ):
+            if name.split()[0] not in parts:
+                continue
             if not ctx.time_left(name, "(all)"):
                 continue
             try:
