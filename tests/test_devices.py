@@ -299,8 +299,8 @@ def test_service_client_device_end_to_end(device, llama, no_process_engine, monk
     seen: dict[str, set] = {"cache": set(), "logits": set(), "mask": set()}
     batch_cache, choose_tokens = decoding.batch_cache, decoding.choose_tokens
 
-    def recording_cache(caches, counts, steps, dtype=None):
-        cache, mask = batch_cache(caches, counts, steps, dtype)
+    def recording_cache(caches, counts, steps, dtype=None, static=False):
+        cache, mask = batch_cache(caches, counts, steps, dtype, static)
         seen["cache"].add(cache.layers[0].keys.device)
         seen["mask"].add(None if mask is None else mask.device)
         return cache, mask
@@ -401,8 +401,8 @@ def test_bf16_decoding_keeps_a_float32_cache(samples, llama, engines, monkeypatc
     caches: list[torch.dtype] = []
     batch_cache = decoding.batch_cache
 
-    def recording_cache(caches_, counts, steps, dtype=None):
-        cache, mask = batch_cache(caches_, counts, steps, dtype)
+    def recording_cache(caches_, counts, steps, dtype=None, static=False):
+        cache, mask = batch_cache(caches_, counts, steps, dtype, static)
         caches.append(cache.layers[0].keys.dtype)
         return cache, mask
 

@@ -128,8 +128,8 @@ def test_a_decode_cache_grows_to_what_the_estimate_counts(
     caches = []
     batch_cache = decoding.batch_cache
 
-    def recording(*args):
-        cache, mask = batch_cache(*args)
+    def recording(*args, **options):
+        cache, mask = batch_cache(*args, **options)
         caches.append(cache)
         return cache, mask
 

@@ -618,3 +618,77 @@ def test_fused_rms_norms_equal_the_model_classes():
             fused = holder(x)
         assert "forward" not in vars(holder[0])  # and restored
         torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+
+
+# ---- the static cache of CUDA graphs, run eagerly ----------------------------------------------
+
+
+def test_decode_windows():
+    from bios.engine.decode_graph import MIN_WINDOW, graphs_enabled, window_for
+
+    assert window_for(1, 10_000) == MIN_WINDOW
+    assert window_for(MIN_WINDOW, 10_000) == MIN_WINDOW
+    assert window_for(MIN_WINDOW + 1, 10_000) == 2 * MIN_WINDOW
+    assert window_for(5 * MIN_WINDOW, 10_000) == 8 * MIN_WINDOW
+    assert window_for(5 * MIN_WINDOW, 6 * MIN_WINDOW) == 6 * MIN_WINDOW  # the buffer's end
+    assert not graphs_enabled(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_static_cache_decodes_as_the_dynamic_cache(
+    family, tiny_models, service: ServiceClient, monkeypatch
+):
+    """The decode a GPU replays as CUDA graphs (a static cache written at a device-held position,
+    attention over a fixed window under a mask, `bios.engine.decode_graph`), run eagerly here:
+    the same tokens and, to float32 rounding, the same logprobs as the dynamic cache, with
+    prompts of three lengths (padding), a LoRA adapter, a greedy and a truncated request, rows
+    dropped when they finish (smaller batches) and two windows; and the same responses when the
+    decode is cut into one-step turns."""
+    import bios.engine.decode_graph as decode_graph
+    from bios.engine.decoding import Decoder, SampleRequest, SampleSettings
+
+    monkeypatch.setattr(decode_graph, "MIN_WINDOW", 4)
+    windows: list[int] = []
+    window_for = decode_graph.window_for
+
+    def recording_window(positions: int, room: int) -> int:
+        windows.append(window_for(positions, room))
+        return windows[-1]
+
+    monkeypatch.setattr(decode_graph, "window_for", recording_window)
+    training = service.create_lora_training_client(tiny_models[family], rank=4, seed=3)
+    perturb(service._engine, training.model_id, seed=13)
+    sampler = training.save_weights_and_get_sampling_client()
+
+    def settings(max_tokens: int, seed: int, **changes) -> SampleSettings:
+        values = dict(temperature=1.0, top_k=-1, top_p=1.0) | changes
+        return SampleSettings(max_tokens=max_tokens, seed=seed, **values)
+
+    requests = [
+        SampleRequest(PROMPTS[0], 3, settings(20, 1)),
+        SampleRequest(PROMPTS[1], 2, settings(3, 2)),  # its rows end first: the batch shrinks
+        SampleRequest(PROMPTS[2], 2, settings(14, 3, temperature=0.0)),
+        SampleRequest(PROMPTS[2], 1, settings(20, 4, temperature=0.7, top_k=20, top_p=0.9)),
+    ]
+    outputs = {}
+    with sampler._session.model() as model, torch.inference_mode():
+        for static in (False, True):
+            decoder = Decoder(model, requests, tokenizer=None, static_cache=static)
+            outputs[static] = decoder.run()
+            assert (decoder.static_step is not None) == static
+        turns = Decoder(model, requests, tokenizer=None, static_cache=True)
+        while not turns.advance(model, 0.0):  # one step a turn, as a long decode is cut
+            pass
+    for whole, cut in zip(outputs[True], turns.responses(), strict=True):
+        assert whole == cut
+    assert decoder.static_step.room == len(PROMPTS[2]) + 20
+    # 8 rows; less the second request's 2 after 3 tokens, the greedy request's 2 after 14.
+    assert len(decoder.static_step.layers[0].buffers[0]) == 4
+    assert sorted(set(windows)) == [16, 29]  # 10 positions -> 16; 17 -> 29, the buffer's end
+    for dynamic, static in zip(outputs[False], outputs[True], strict=True):
+        for a, b in zip(dynamic.sequences, static.sequences, strict=True):
+            assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
+            # fp32 sums in another order (the masked window), as between batched and alone.
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+    assert [len(s.tokens) for s in outputs[True][1].sequences] == [3, 3]
+    assert [len(s.tokens) for s in outputs[True][2].sequences] == [14, 14]

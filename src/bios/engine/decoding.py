@@ -10,11 +10,12 @@ One call of `generate` decodes a batch of requests (each a prompt and `num_sampl
    prompt of the batch and repeated once per sample (`bios.engine.kv_cache.batch_cache`). Padded
    positions are masked out, and every row has its own position ids, so padding changes nothing.
 3. Decode: one forward of the batch's newest tokens per step (the cache appends in place, see
-   `bios.engine.kv_cache`; batches of a few rows or more use prepacked weights, fewer rows of a
-   16-bit model torch's own matrix-vector kernels, `bios.engine.packed`; RMSNorm runs as one
-   kernel, `bios.engine.fused_norms`). Rows stop on a stop token (the tokenizer's
-   end-of-sequence tokens always count), a stop string or `max_tokens`; finished rows are
-   dropped from the batch (and cache) once they are a quarter of it.
+   `bios.engine.kv_cache`; on a GPU the cache is static and the step a CUDA graph,
+   `bios.engine.decode_graph`; on the CPU batches of a few rows or more use prepacked weights,
+   fewer rows of a 16-bit model torch's own matrix-vector kernels, `bios.engine.packed`;
+   RMSNorm runs as one kernel, `bios.engine.fused_norms`). Rows stop on a stop token (the
+   tokenizer's end-of-sequence tokens always count), a stop string or `max_tokens`; finished
+   rows are dropped from the batch (and cache) once they are a quarter of it.
 4. Turns: `Decoder.advance` runs the decode for a time budget and returns, keeping its state, so
    a long decode can share the worker with other work (`bios.engine.sampling_sessions`).
 
@@ -53,6 +54,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from bios.engine.decode_graph import StaticDecodeStep, graphs_enabled
 from bios.engine.fused_norms import fused_rms_norms
 from bios.engine.kv_cache import batch_cache
 from bios.engine.packed import MIN_ROWS, PackedLinears, native_gemv, wants_native_gemv
@@ -296,12 +298,22 @@ class _Batch:
 class Decoder:
     """The state of one `generate` call: per-row outputs indexed by original row id.
 
-    `run` decodes at once; `advance` decodes in turns (see `SamplingSession`).
+    `run` decodes at once; `advance` decodes in turns (see `SamplingSession`). `static_cache`:
+    decode over a static KV cache, by CUDA graphs on a GPU (`bios.engine.decode_graph`); the
+    default is to on a GPU only.
     """
 
-    def __init__(self, model: nn.Module, requests: list[SampleRequest], tokenizer) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        requests: list[SampleRequest],
+        tokenizer,
+        static_cache: bool | None = None,
+    ) -> None:
         self.model, self.requests, self.tokenizer = model, requests, tokenizer
         self.device = device = model_device(model)
+        self.static_cache = device.type == "cuda" if static_cache is None else static_cache
+        self.static_step: StaticDecodeStep | None = None  # made with the decode cache
         counts = torch.tensor([r.num_samples for r in requests], device=device)
         self.request_of = torch.repeat_interleave(
             torch.arange(len(requests), device=device), counts
@@ -364,6 +376,8 @@ class Decoder:
         one stopped, so the tokens are the same however the decode is cut.
         """
         self.model = model
+        if self.static_step is not None:
+            self.static_step.model = model
         deadline = time.perf_counter() + seconds
         if self.prefills is None:
             self._start()
@@ -504,7 +518,9 @@ class Decoder:
         batch.ids, batch.positions = batch.ids[keep], batch.positions[keep]
         batch.alive = torch.ones(len(keep), dtype=torch.bool, device=self.device)
         batch.segments = self._segments(batch.ids)
-        if batch.cache is not None:
+        if self.static_step is not None:
+            self.static_step.select(keep)
+        elif batch.cache is not None:
             batch.cache.batch_select_indices(keep)
         if batch.mask is not None:
             batch.mask = batch.mask[keep]
@@ -514,13 +530,23 @@ class Decoder:
         caches = [prefills[s.request].cache for s in batch.segments]
         counts = [s.rows.stop - s.rows.start for s in batch.segments]
         dtype = cache_dtype(caches[0].layers[0].keys.dtype, self.device)
-        batch.cache, batch.mask = batch_cache(caches, counts, self.steps, dtype)
+        batch.cache, batch.mask = batch_cache(
+            caches, counts, self.steps, dtype, static=self.static_cache
+        )
+        if self.static_cache:  # the step keeps the mask, in its own form
+            graphed = graphs_enabled(self.device)
+            self.static_step = StaticDecodeStep(self.model, batch.cache, batch.mask, graphed)
+            batch.mask = None
         for prefill in prefills:
             prefill.cache = None  # the batch cache holds copies now
 
     def _forward(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after feeding each row its newest token."""
         assert batch.cache is not None
+        if self.static_step is not None:
+            logits = self.static_step(tokens, batch.positions)
+            batch.positions += 1
+            return logits
         mask = None
         if batch.mask is not None:
             mask = batch.mask[:, : batch.cache.get_seq_length() + 1]

@@ -13,6 +13,13 @@ the layer's whole cache at every step: measured at 20-30% of a decode step with 
 SmolLM2-135M on CPU. Here a step writes one position, and a full buffer doubles (amortised O(1)
 per token), never past the longest prompt + `steps` positions the batch can reach: at most
 `cache_bytes` (`bios.engine.memory`) when every row runs to its end.
+
+A static cache (`static=True`, `StaticLayer`) is the one a CUDA graph can replay
+(`bios.engine.decode_graph`): its buffers hold every position the batch can reach from the start
+(zeros: `cache_bytes` at once), a step writes the position a device tensor names (`write_at`,
+shared by every layer, set before each step), and attention reads a fixed window of the buffer
+from its first position, so neither a tensor's address nor a shape changes from one step to the
+next within a window.
 """
 
 from __future__ import annotations
@@ -64,12 +71,54 @@ class BufferLayer(DynamicLayer):
         self._expose()
 
 
+class StaticLayer(DynamicLayer):
+    """A `DynamicLayer` over buffers of every position the batch can reach: `update` writes the
+    new keys and values at position `write_at` (a (1,) device tensor) and returns the buffers'
+    first `window` positions. `length` (the positions filled) and `window` are plain ints, kept
+    by whoever runs the steps (`bios.engine.decode_graph.StaticDecodeStep`)."""
+
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, length: int, write_at: torch.Tensor
+    ) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.buffers, self.length, self.write_at = [keys, values], length, write_at
+        self.window = keys.shape[-2]
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self.buffers[0][:, :, : self.window]
+        self.values = self.buffers[1][:, :, : self.window]
+
+    def set_window(self, window: int) -> None:
+        self.window = window
+        self._expose()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for buffer, states in zip(self.buffers, (key_states, value_states), strict=True):
+            buffer.index_copy_(2, self.write_at, states.to(buffer.dtype))
+        return self.keys, self.values
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.buffers = [buffer[indices] for buffer in self.buffers]
+        self._expose()
+
+
 def batch_cache(
-    caches: list[DynamicCache], counts: list[int], steps: int, dtype: torch.dtype | None = None
+    caches: list[DynamicCache],
+    counts: list[int],
+    steps: int,
+    dtype: torch.dtype | None = None,
+    static: bool = False,
 ) -> tuple[DynamicCache, torch.Tensor | None]:
     """The cache of a decode batch (`counts[j]` rows of prompt j) and its attention mask; its
     keys and values in `dtype` (default: the prompts'), the new positions cast to it as they are
-    written.
+    written. `static`: `StaticLayer`s with room for all `steps` positions at once.
 
     The mask has room for `steps` more positions and is None when every prompt has the same
     length (then nothing is padded and attention needs no mask).
@@ -78,22 +127,27 @@ def batch_cache(
     longest, rows = max(lengths), sum(counts)
     starts = [sum(counts[:j]) for j in range(len(counts))]
     combined = DynamicCache()
+    device = caches[0].layers[0].keys.device
+    write_at = torch.zeros(1, dtype=torch.int64, device=device)  # the static layers' position
     for index in range(len(caches[0].layers)):
         buffers = []
         for name in ("keys", "values"):
             first = getattr(caches[0].layers[index], name)
-            room = longest + min(steps, INITIAL_ROOM)
+            room = longest + (steps if static else min(steps, INITIAL_ROOM))
             shape = (rows, first.shape[1], room, first.shape[3])
             buffer = first.new_empty(shape, dtype=dtype or first.dtype)
-            buffer[:, :, :longest] = 0
+            # A static buffer is read whole (masked) from the first step: zeros everywhere.
+            buffer[:, :, : room if static else longest] = 0
             for cache, start, count, length in zip(caches, starts, counts, lengths, strict=True):
                 prompt = getattr(cache.layers[index], name)
                 buffer[start : start + count, :, longest - length : longest] = prompt
             buffers.append(buffer)
-        combined.layers.append(BufferLayer(*buffers, length=longest, limit=longest + steps))
+        if static:
+            combined.layers.append(StaticLayer(*buffers, length=longest, write_at=write_at))
+        else:
+            combined.layers.append(BufferLayer(*buffers, length=longest, limit=longest + steps))
     if min(lengths) == longest:
         return combined, None
-    device = caches[0].layers[0].keys.device
     mask = torch.ones(rows, longest + steps, dtype=torch.int64, device=device)
     for start, count, length in zip(starts, counts, lengths, strict=True):
         mask[start : start + count, : longest - length] = 0
