@@ -22,7 +22,10 @@ sequences; its figures mean nothing.
     against Bios float32 on the CPU; packing = padding (Bios's packed batch against a padded,
     attention-masked transformers batch on the GPU, float32); chunked = unchunked (a 128256-token
     vocabulary, 4 × 2048 tokens: full float32 logits would be 3.9 GiB, so a chunked loss shows
-    as a smaller peak; against full-logit references on the GPU).
+    as a smaller peak; against full-logit references on the GPU). Sampling on the GPU in
+    float32, decode steps replayed as CUDA graphs: greedy tokens against a step-by-step argmax of
+    transformers (the whole sequence each step, no cache), and 8 samples at T = 1 against the
+    same decode run eagerly (`BIOS_CUDA_GRAPHS=0`).
 (ii) LoRA rank 32 SFT (attention, MLP and lm_head) on random-weight models of the Llama-3.2-1B and
     Llama-3.1-8B shapes (numbers below, as bios/models/catalog.py lists them), bf16, 8 × 2048
     random tokens a step, cross-entropy summed over every token, AdamW. Bios: `forward_backward`
@@ -35,7 +38,11 @@ sequences; its figures mean nothing.
     allocated before the side's model existed (weights, adapters, optimizer and activations).
 (iii) sampling on the 1B shape: 1 prompt × 1 sample and 1 × 16, 128 new tokens at temperature 1,
     Bios's `SamplingClient.sample` against transformers `generate(num_return_sequences=...,
-    min_new_tokens=128)` on the same bf16 weights; generated tokens per second, median of 3.
+    min_new_tokens=128)` on the same bf16 weights, and against Bios without CUDA graphs;
+    generated tokens per second, median of 3. Then graphed against eager tokens for one seed,
+    and at 16 samples a diagnosis of any difference: the first decode step's logits, graphed
+    against eager and eager against eager, and where the tokens first differ (eager against
+    eager, graphed against eager, graphed cut into one-step turns against graphed whole).
 
 Model FLOPs utilisation, per trained token:
     4·N + 6·N_lora + 6·L·s·d
@@ -626,8 +633,82 @@ def check_correctness(ctx: Context) -> None:
         add_comparison(ctx, part, check, gpu32, cpu32, fp32, scales=reference)
         check = f"{family}: packing = padding (Bios vs padded batch, {dev} fp32)"
         add_comparison(ctx, part, check, gpu32, padded, tight)
+        try:
+            check_sampling(ctx, part, family, folder, config.vocab_size)
+        except Exception as error:
+            ctx.rows.append(Row(part, f"{family}: sampling", one_line(error), result="error"))
+            ctx.log(traceback.format_exc())
     if ctx.time_left(part, "chunked = unchunked", need=20):
         check_chunking(ctx, part, tok, tight)
+
+
+def bios_sample(sampler, prompt: list[int], samples: int, params, graphs: bool):
+    """`sampler.sample`, its decode steps replayed as CUDA graphs or run eagerly
+    (`BIOS_CUDA_GRAPHS`, read as each decode starts)."""
+    from bios.types import ModelInput
+
+    before = os.environ.get("BIOS_CUDA_GRAPHS")
+    os.environ["BIOS_CUDA_GRAPHS"] = "1" if graphs else "0"
+    try:
+        return sampler.sample(ModelInput.from_ints(prompt), samples, params).result()
+    finally:
+        if before is None:
+            del os.environ["BIOS_CUDA_GRAPHS"]
+        else:
+            os.environ["BIOS_CUDA_GRAPHS"] = before
+
+
+def same_samples(a, b) -> tuple[bool, float]:
+    """Whether two responses hold the same tokens, and their logprobs' largest difference."""
+    tokens = [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+    if not tokens:
+        return False, math.inf
+    pairs = zip(a.sequences, b.sequences, strict=True)
+    gaps = [abs(x - y) for s, t in pairs for x, y in zip(s.logprobs, t.logprobs, strict=True)]
+    return True, max(gaps, default=0.0)
+
+
+def check_sampling(ctx: Context, part: str, family: str, folder: Path, vocab: int) -> None:
+    """On the device in float32: greedy decoding (CUDA graphs) against a step-by-step argmax of
+    transformers (no cache, the whole sequence each step), and T = 1 graphed against eager."""
+    from transformers import AutoModelForCausalLM
+
+    from bios.client.service import ServiceClient
+    from bios.types import SamplingParams
+
+    dev, new_tokens = ctx.device, 24
+    sampler = ServiceClient(engine=ctx.engine(dev, "float32")).create_sampling_client(
+        base_model=str(folder)
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="sdpa"
+    ).to(dev)
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (7, 19)]
+    greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0, stop=[])
+    equal = 0
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=dev)
+            for _ in range(new_tokens):
+                logits = model(input_ids=ids, use_cache=False).logits[0, -1]
+                ids = torch.cat([ids, logits.argmax()[None, None]], dim=1)
+            expected = ids[0, len(prompt) :].tolist()
+            got = bios_sample(sampler, prompt, 2, greedy, graphs=True)
+            equal += all(s.tokens == expected for s in got.sequences)
+    del model
+    free_memory()
+    params = SamplingParams(max_tokens=32, temperature=1.0, seed=5, stop=[])
+    graphed = bios_sample(sampler, prompts[1], 8, params, graphs=True)
+    eager = bios_sample(sampler, prompts[1], 8, params, graphs=False)
+    tokens, gap = same_samples(graphed, eager)
+    figure = (
+        f"greedy = argmax step by step: {equal}/{len(prompts)} prompts; 8 samples at T=1, graphed"
+        f" vs eager: tokens {'equal' if tokens else 'DIFFER'}, max |Δ logprob| {gap:.1e}"
+    )
+    ok = equal == len(prompts) and tokens and gap <= 1e-5
+    check = f"{family}: sampling on {dev} fp32 (CUDA graphs)"
+    ctx.rows.append(Row(part, check, figure, "all equal, |Δ| ≤ 1e-05", "ok" if ok else "FAIL"))
 
 
 def check_chunking(ctx: Context, part: str, tok, limits: dict) -> None:
@@ -904,7 +985,7 @@ def bench_sampling(ctx: Context) -> None:
     from transformers import AutoModelForCausalLM
 
     from bios.client.service import ServiceClient
-    from bios.types import ModelInput, SamplingParams
+    from bios.types import SamplingParams
 
     part = "iii sampling"
     name = next(iter(TINY_SHAPES if ctx.tiny else LLAMA_SHAPES))
@@ -925,10 +1006,16 @@ def bench_sampling(ctx: Context) -> None:
     prompt = torch.randint(3, 384, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     input_ids = torch.tensor([prompt], device=ctx.device)
 
-    def run_bios(samples: int, seed: int) -> int:
+    responses = {}
+
+    def run_bios(samples: int, seed: int, graphs: bool = True) -> int:
         params = SamplingParams(max_tokens=new_tokens, seed=seed, temperature=1.0)
-        response = sampler.sample(ModelInput.from_ints(prompt), samples, params).result()
+        response = bios_sample(sampler, prompt, samples, params, graphs)
+        responses[graphs, samples, seed] = response
         return sum(len(sequence.tokens) for sequence in response.sequences)
+
+    def run_bios_eager(samples: int, seed: int) -> int:
+        return run_bios(samples, seed, graphs=False)
 
     def run_generate(samples: int, seed: int) -> int:
         torch.manual_seed(seed)
@@ -947,7 +1034,7 @@ def bench_sampling(ctx: Context) -> None:
             )
         return int(output[:, len(prompt) :].numel())
 
-    sides = {"bios": run_bios, "generate": run_generate}
+    sides = {"bios": run_bios, "generate": run_generate, "bios eager": run_bios_eager}
     for samples in counts:
         if not ctx.time_left(part, f"1 x {samples}", need=20):
             break
@@ -963,11 +1050,14 @@ def bench_sampling(ctx: Context) -> None:
                 produced = sides[side](samples, repeat)
                 synchronize()
                 rates[side].append(produced / (time.perf_counter() - start))
-        bios_rate, base_rate = (statistics.median(rates[s]) for s in sides)
+        bios_rate, base_rate, eager_rate = (statistics.median(rates[s]) for s in sides)
         ratio = bios_rate / base_rate
         target = ">= 2x" if samples > 1 else ""
         result = ("ok" if ratio >= 2 else "FAIL") if samples > 1 else ""
-        figure = f"Bios {bios_rate:.0f} tok/s, generate {base_rate:.0f} tok/s: {ratio:.2f}x"
+        figure = (
+            f"Bios {bios_rate:.0f} tok/s, generate {base_rate:.0f} tok/s: {ratio:.2f}x "
+            f"(Bios without CUDA graphs {eager_rate:.0f} tok/s)"
+        )
         ctx.rows.append(
             Row(
                 part,
@@ -978,6 +1068,72 @@ def bench_sampling(ctx: Context) -> None:
             )
         )
         ctx.details.setdefault("sampling", {})[samples] = rates
+        tokens, gap = same_samples(responses[True, samples, 0], responses[False, samples, 0])
+        figure = f"tokens {'equal' if tokens else 'DIFFER'}, max |Δ logprob| {gap:.1e}"
+        ok = "ok" if tokens and gap <= 1e-5 else "FAIL"
+        check = f"{name}: 1 x {samples}, CUDA graphs = eager, seed 0"
+        ctx.rows.append(Row(part, check, figure, "equal, |Δ| ≤ 1e-05", ok))
+        if samples > 1:
+            try:
+                diagnose_graphs(ctx, part, name, sampler, prompt, samples, new_tokens)
+            except Exception as error:
+                ctx.rows.append(Row(part, "graphs: diagnosis", one_line(error), result="error"))
+                ctx.log(traceback.format_exc())
+
+
+def first_difference(a, b) -> str:
+    """Where two decoders' tokens first differ (the earliest step over the rows), or "equal"."""
+    steps = [
+        next((i for i, (x, y) in enumerate(zip(s.tokens, t.tokens, strict=False)) if x != y), None)
+        for s, t in zip(a.sequences, b.sequences, strict=True)
+    ]
+    differing = [step for step in steps if step is not None]
+    return f"differ from token {min(differing)}" if differing else "equal"
+
+
+def diagnose_graphs(ctx, part, name, sampler, prompt, samples, new_tokens) -> None:
+    """Graphed against eager decoding of one request of `samples` rows, Decoder by Decoder on
+    the sampler's model: the first decode step's logits, and the tokens, with eager against
+    eager too (cuBLAS promises the same bits only while a single stream is active, and a
+    capture runs on a second), and graphed whole against graphed cut into one-step turns."""
+    from bios.engine.decoding import Decoder, SampleRequest, SampleSettings
+
+    session = sampler._session
+    tokenizer = session.worker.loaded.tokenizer
+
+    def decode(graphs: bool, max_tokens: int, turns: bool = False) -> Decoder:
+        settings = SampleSettings(
+            max_tokens=max_tokens, temperature=1.0, top_k=-1, top_p=1.0, seed=0
+        )
+        before = os.environ.get("BIOS_CUDA_GRAPHS")
+        os.environ["BIOS_CUDA_GRAPHS"] = "1" if graphs else "0"
+        try:
+            with session.model() as model, torch.inference_mode():
+                decoder = Decoder(model, [SampleRequest(prompt, samples, settings)], tokenizer)
+                while not decoder.advance(model, 0.0 if turns else math.inf):
+                    pass
+        finally:
+            os.environ.pop("BIOS_CUDA_GRAPHS")
+            if before is not None:
+                os.environ["BIOS_CUDA_GRAPHS"] = before
+        return decoder
+
+    # max_tokens=2: one decode forward, whose logits the decoder keeps.
+    eager, again, graphed = decode(False, 2), decode(False, 2), decode(True, 2)
+    figure = (
+        f"max |Δ logit|, graphed vs eager {(graphed.logits - eager.logits).abs().max():.1e}, "
+        f"eager vs eager {(again.logits - eager.logits).abs().max():.1e}"
+    )
+    ctx.rows.append(Row(part, f"{name}: 1 x {samples}, first decode step (diagnosis)", figure))
+    whole = {graphs: decode(graphs, new_tokens).responses()[0] for graphs in (False, True)}
+    again = decode(False, new_tokens).responses()[0]
+    turns = decode(True, new_tokens, turns=True).responses()[0]
+    figure = (
+        f"eager vs eager {first_difference(whole[False], again)}; graphed vs eager "
+        f"{first_difference(whole[True], whole[False])}; graphed in turns vs whole "
+        f"{first_difference(turns, whole[True])}"
+    )
+    ctx.rows.append(Row(part, f"{name}: 1 x {samples}, tokens (diagnosis)", figure))
 
 
 # ---- the command -------------------------------------------------------------------------------
