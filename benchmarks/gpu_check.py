@@ -836,25 +836,30 @@ def out_of_memory(error: BaseException) -> bool:
     return "needs about" in text and "is free" in text  # Bios's planned refusal
 
 
-def plain_training(ctx: Context, model, tokens) -> dict:
-    """The plain transformers + peft bf16 SDPA loop on `model` (already on the device)."""
+def plain_backward(model, tokens, micro: int):
+    """The plain loop's forward and backward over `tokens` (rows, n + 1) in micro-batches of
+    `micro` rows: logits upcast to float32, cross-entropy summed; returns the summed loss."""
     import torch.nn.functional as F
 
+    total = torch.zeros((), device=tokens.device)
+    for start in range(0, len(tokens), micro):
+        rows = tokens[start : start + micro]
+        logits = model(input_ids=rows[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
+        loss.backward()
+        total += loss.detach()
+        del logits, loss
+    return total
+
+
+def plain_training(ctx: Context, model, tokens) -> dict:
+    """The plain transformers + peft bf16 SDPA loop on `model` (already on the device)."""
     model = peft_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
 
     def step(micro: int) -> float:
-        total = torch.zeros((), device=tokens.device)
-        for start in range(0, len(tokens), micro):
-            rows = tokens[start : start + micro]
-            logits = model(input_ids=rows[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum"
-            )
-            loss.backward()
-            total += loss.detach()
-            del logits, loss
+        total = plain_backward(model, tokens, micro)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(total)
@@ -862,25 +867,31 @@ def plain_training(ctx: Context, model, tokens) -> dict:
     return timed_steps(ctx, step, len(tokens))  # the caller frees the model
 
 
+def sft_data(tokens) -> list:
+    """One cross-entropy datum per row of `tokens` (rows, n + 1): every next token, weight 1."""
+    from bios.types import Datum, ModelInput
+
+    return [
+        Datum(
+            model_input=ModelInput.from_ints(row[:-1].tolist()),
+            loss_fn_inputs={"target_tokens": row[1:], "weights": torch.ones(len(row) - 1)},
+        )
+        for row in tokens.cpu()
+    ]
+
+
 def bios_training(ctx: Context, folder: Path, tokens) -> dict:
     """Bios at bf16 on the device: forward_backward (split into micro-batches if it must be),
     then optim_step."""
     from bios.client.service import ServiceClient
-    from bios.types import AdamParams, Datum, ModelInput
+    from bios.types import AdamParams
 
     engine = ctx.engine(ctx.device, "bf16")
     training = ServiceClient(engine=engine).create_lora_training_client(
         str(folder), rank=RANK, seed=0
     )
     check_placement(engine, training.model_id, ctx.device, "bf16")
-    rows = tokens.cpu()
-    data = [
-        Datum(
-            model_input=ModelInput.from_ints(row[:-1].tolist()),
-            loss_fn_inputs={"target_tokens": row[1:], "weights": torch.ones(len(row) - 1)},
-        )
-        for row in rows
-    ]
+    data = sft_data(tokens)
     adam = AdamParams(learning_rate=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
 
     def step(micro: int) -> float:

@@ -30,8 +30,10 @@ from gpu_check import (
     import_bios,
     llama_config,
     peft_model,
+    plain_backward,
     refuse,
     save_model,
+    sft_data,
     torch,
 )
 
@@ -43,19 +45,13 @@ def bios_step(folder: Path, workdir: Path, tokens) -> Callable[[], tuple[float, 
     from bios.engine import memory
     from bios.engine.batch import pack_batch, resolve_objective
     from bios.engine.engine import Engine
-    from bios.types import AdamParams, Datum, ModelInput
+    from bios.types import AdamParams
 
     engine = Engine(home=workdir / "home", device="cuda", dtype="bf16")
     training = ServiceClient(engine=engine).create_lora_training_client(
         str(folder), rank=RANK, seed=0
     )
-    data = [
-        Datum(
-            model_input=ModelInput.from_ints(row[:-1].tolist()),
-            loss_fn_inputs={"target_tokens": row[1:], "weights": torch.ones(len(row) - 1)},
-        )
-        for row in tokens
-    ]
+    data = sft_data(tokens)
     adam = AdamParams(learning_rate=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
     worker = engine.worker_of(training.model_id)
     batch = pack_batch(
@@ -93,7 +89,6 @@ def bios_step(folder: Path, workdir: Path, tokens) -> Callable[[], tuple[float, 
 
 def plain_step(folder: Path, tokens, micro: int) -> Callable[[], tuple[float, float]]:
     """`gpu_check.py`'s plain transformers + peft bf16 SDPA loop, in micro-batches of `micro`."""
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -106,14 +101,7 @@ def plain_step(folder: Path, tokens, micro: int) -> Callable[[], tuple[float, fl
 
     def step() -> tuple[float, float]:
         start = time.perf_counter()
-        for first in range(0, len(rows_on_gpu), micro):
-            rows = rows_on_gpu[first : first + micro]
-            logits = model(input_ids=rows[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum"
-            )
-            loss.backward()
-            del logits, loss
+        plain_backward(model, rows_on_gpu, micro)
         torch.cuda.synchronize()
         middle = time.perf_counter()
         optimizer.step()
