@@ -5,7 +5,9 @@ projections, rotary embedding, attention, the LoRA hooks' products), and on a GP
 from Python costs more than running them. Measured on an H200 (`benchmarks/gpu_check.py`,
 2026-12-04), a random-weight model of Llama-3.2-1B's shape in bf16, 1 prompt × 16 samples of 128
 tokens: 10.5 ms a step with the eager step, 1,523 tokens/s, as slow as transformers `generate`
-(1,586). A CUDA graph records the step's kernels once and replays them with one launch.
+(1,586). A CUDA graph records the step's kernels once and replays them with one launch: in a
+second run (another machine of the kind, whose slower host made eager steps 783 tokens/s and
+`generate` 939), 2,970 tokens/s.
 
 What a graph needs: every tensor it reads or writes at the same address at each replay, and no
 shape that changes. So the step's inputs are static tensors copied into before each replay (the
@@ -22,9 +24,12 @@ rows dropped, `select`), captures anew, so a decode captures a handful of graphs
 are thread-local: another worker thread's CUDA calls meanwhile are not disturbed. Should a
 capture fail all the same, the step says so in the log and goes on eagerly, with the same result.
 
-Numerics: a replay runs the kernels the eager step runs, on the same inputs, so graphed and
-eager steps give the same bits (`gpu_check.py` compares them token for token). Against the
-dynamic cache (`bios.engine.kv_cache.BufferLayer`) attention also sums the masked positions'
+Numerics: a replay runs the kernels the capture recorded, on the same inputs as the eager step.
+On the H200, graphed and eager decodes gave the same tokens and logprobs bit for bit in float32
+(tiny models, 8 samples × 32 tokens, and greedy) and in bf16 at 1 sample × 128 tokens; in bf16 at
+16 samples the tokens differed, not yet explained (cuBLAS promises the same bits only while one
+stream is active, and the capture runs on a second; `gpu_check.py` prints a diagnosis). Against
+the dynamic cache (`bios.engine.kv_cache.BufferLayer`) attention also sums the masked positions'
 zero weights: another summation order only.
 
 Off the GPU, and with `BIOS_CUDA_GRAPHS=0`, the same step runs eagerly (the tests run it on the

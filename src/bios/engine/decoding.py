@@ -299,8 +299,8 @@ class Decoder:
     """The state of one `generate` call: per-row outputs indexed by original row id.
 
     `run` decodes at once; `advance` decodes in turns (see `SamplingSession`). `static_cache`:
-    decode over a static KV cache, by CUDA graphs on a GPU (`bios.engine.decode_graph`); the
-    default is to on a GPU only.
+    decode over a static KV cache, by CUDA graphs on a GPU (`bios.engine.decode_graph`); by
+    default on a GPU only.
     """
 
     def __init__(

@@ -128,7 +128,8 @@ def batch_cache(
     starts = [sum(counts[:j]) for j in range(len(counts))]
     combined = DynamicCache()
     device = caches[0].layers[0].keys.device
-    write_at = torch.zeros(1, dtype=torch.int64, device=device)  # the static layers' position
+    # The position every static layer writes at (its steps set it).
+    write_at = torch.zeros(1, dtype=torch.int64, device=device) if static else None
     for index in range(len(caches[0].layers)):
         buffers = []
         for name in ("keys", "values"):
