@@ -4,11 +4,14 @@ of a catalog shape (`gpu_check.py`'s shapes and data), one step under `torch.pro
     python benchmarks/profile_step.py [--shape Llama-3.2-1B] [--batch 8] [--seq 2048]
 
     python benchmarks/profile_step.py --side plain --micro 4  # the plain transformers + peft loop
+    python benchmarks/profile_step.py --allow-cpu --tiny      # its code on the CPU, a tiny model
 
 Prints the operators (with their input shapes) by the GPU time of the kernels each launched, the
 kernels by their GPU time, and the step's wall time, split into `forward_backward` and
-`optim_step`, against the GPU's busy time (the kernels' total). Needs a CUDA GPU (refused with
-exit status 2 otherwise); on the project's H200 machine carry pydantic's wheels as
+`optim_step`, against the GPU's busy time (the kernels' total); for Bios first the memory
+planner's estimate of the step against its peak and against what autograd saves (the largest
+groups by shape). Needs a CUDA GPU (refused with exit status 2 otherwise; `--allow-cpu --tiny`
+debugs the script itself); on the project's H200 machine carry pydantic's wheels as
 `gpu_check.py` says.
 """
 
@@ -26,28 +29,35 @@ from gpu_check import (
     LLAMA_SHAPES,
     LR,
     RANK,
+    TINY_SHAPES,
     free_memory,
     import_bios,
     llama_config,
+    memory_allocated,
+    peak_memory,
     peft_model,
     plain_backward,
     refuse,
+    reset_peak,
     save_model,
     sft_data,
+    synchronize,
     torch,
 )
 
 
-def bios_step(folder: Path, workdir: Path, tokens) -> Callable[[], tuple[float, float]]:
+def bios_step(
+    folder: Path, workdir: Path, tokens, device: str
+) -> Callable[[], tuple[float, float]]:
     """Bios's step: `forward_backward` then `optim_step`, each timed to its end on the GPU. Also
     prints the memory planner's estimate of the step against its measured peak."""
     from bios.client.service import ServiceClient
     from bios.engine import memory
-    from bios.engine.batch import pack_batch, resolve_objective
+    from bios.engine.batch import pack_batch, resolve_config, resolve_objective
     from bios.engine.engine import Engine
     from bios.types import AdamParams
 
-    engine = Engine(home=workdir / "home", device="cuda", dtype="bf16")
+    engine = Engine(home=workdir / "home", device=device, dtype="bf16")
     training = ServiceClient(engine=engine).create_lora_training_client(
         str(folder), rank=RANK, seed=0
     )
@@ -62,51 +72,76 @@ def bios_step(folder: Path, workdir: Path, tokens) -> Callable[[], tuple[float, 
         attention_cost=worker.attention_cost,
     )
     estimate = memory.step_bytes(memory.Shape.of(worker.loaded.model), batch, False, RANK)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    synchronize()
+    before = memory_allocated()
+    reset_peak()
     training.forward_backward(data, "cross_entropy").result()
     training.optim_step(adam).result()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
+    synchronize()
+    peak = peak_memory() - before  # 0 - 0 off a GPU
     print(
         f"memory: {before / 2**30:.2f} GiB allocated before the step (weights, run state); the "
         f"step's peak above that {peak / 2**30:.2f} GiB, the planner's estimate of it "
         f"(memory.step_bytes) {estimate / 2**30:.2f} GiB: {peak / estimate:.2f}x"
     )
+    # What autograd saves, as tests/test_memory.py measures it on the CPU: the run's own step
+    # on this thread (the worker is idle), under saved-tensor hooks.
+    run, model = engine.run(training.model_id), worker.loaded.model
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *run.parameters.values()]}
+    saved: dict[int, tuple[int, str]] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = (storage.nbytes(), f"{tuple(tensor.shape)} {tensor.dtype}")
+        return tensor
+
+    objective = resolve_objective("cross_entropy")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run.forward_backward(batch, objective, resolve_config(objective, {}), True)
+    by_shape: dict[str, list[int]] = {}
+    for size, what in saved.values():
+        by_shape.setdefault(what, []).append(size)
+    total = sum(size for size, _ in saved.values())
+    print(
+        f"saved for the backward: {total / 2**30:.2f} GiB in {len(saved)} storages "
+        f"({total / estimate:.2f}x the estimate); the largest groups:"
+    )
+    for what, sizes in sorted(by_shape.items(), key=lambda item: -sum(item[1]))[:12]:
+        print(f"  {sum(sizes) / 2**30:7.2f} GiB  {len(sizes):4d} x {what}")
 
     def step() -> tuple[float, float]:
         start = time.perf_counter()
         training.forward_backward(data, "cross_entropy").result()
-        torch.cuda.synchronize()
+        synchronize()
         middle = time.perf_counter()
         training.optim_step(adam).result()
-        torch.cuda.synchronize()
+        synchronize()
         return middle - start, time.perf_counter() - middle
 
     return step
 
 
-def plain_step(folder: Path, tokens, micro: int) -> Callable[[], tuple[float, float]]:
+def plain_step(folder: Path, tokens, micro: int, device: str) -> Callable[[], tuple[float, float]]:
     """`gpu_check.py`'s plain transformers + peft bf16 SDPA loop, in micro-batches of `micro`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.bfloat16, attn_implementation="sdpa"
     )
-    model = peft_model(model.to("cuda"))
+    model = peft_model(model.to(device))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
-    rows_on_gpu = tokens.to("cuda")
+    rows = tokens.to(device)
 
     def step() -> tuple[float, float]:
         start = time.perf_counter()
-        plain_backward(model, rows_on_gpu, micro)
-        torch.cuda.synchronize()
+        plain_backward(model, rows, micro)
+        synchronize()
         middle = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        synchronize()
         return middle - start, time.perf_counter() - middle
 
     return step
@@ -124,17 +159,18 @@ def print_profile(profiler, rows: int) -> float:
         if e.device_type == cpu and e.self_device_time_total > 0
     ]
     ops.sort(key=lambda e: -e.self_device_time_total)
+    busy_or_one = busy or 1.0  # no kernels off a GPU
     print(f"\noperators by their kernels' GPU time (of {busy * 1e3:.1f} ms):")
     print(f"{'ms':>8} {'share':>6} {'calls':>6}  operator  input shapes")
     for e in ops[:rows]:
-        share = e.self_device_time_total / 1e6 / busy
+        share = e.self_device_time_total / 1e6 / busy_or_one
         shapes = str(e.input_shapes)[:110]
         print(f"{e.self_device_time_total / 1e3:8.2f} {share:6.1%} {e.count:6d}  {e.key}  {shapes}")
     kernels.sort(key=lambda e: -e.self_device_time_total)
     print("\nkernels by GPU time:")
     print(f"{'ms':>8} {'share':>6} {'calls':>6}  kernel")
     for e in kernels[:rows]:
-        share = e.self_device_time_total / 1e6 / busy
+        share = e.self_device_time_total / 1e6 / busy_or_one
         print(f"{e.self_device_time_total / 1e3:8.2f} {share:6.1%} {e.count:6d}  {e.key[:140]}")
     return busy
 
@@ -142,41 +178,48 @@ def print_profile(profiler, rows: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="Llama-3.2-1B", choices=sorted(LLAMA_SHAPES))
+    parser.add_argument("--allow-cpu", action="store_true", help="debugging: run on the CPU")
+    parser.add_argument("--tiny", action="store_true", help="debugging: a tiny model")
     parser.add_argument("--side", default="bios", choices=["bios", "plain"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro", type=int, help="the plain loop's micro-batch (default: all)")
     parser.add_argument("--rows", type=int, default=30, help="table rows")
     args = parser.parse_args()
-    if torch is None or not torch.cuda.is_available():
-        refuse("no CUDA GPU here: this profile needs one")
+    cuda = torch is not None and torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        refuse("no CUDA GPU here: this profile needs one (`--allow-cpu --tiny` debugs it)")
+    if not cuda and not args.tiny:
+        refuse("--allow-cpu needs --tiny: the full-size shapes are not for a CPU")
     import_bios()
     from torch.profiler import ProfilerActivity, profile
 
-    shape = LLAMA_SHAPES[args.shape]
+    device = "cuda" if cuda else "cpu"
+    name = next(iter(TINY_SHAPES)) if args.tiny else args.shape
+    shape = TINY_SHAPES[name] if args.tiny else LLAMA_SHAPES[name]
+    batch, seq = (2, 64) if args.tiny else (args.batch, args.seq)
     with tempfile.TemporaryDirectory(prefix="bios-profile-") as workdir:
         folder = Path(workdir) / "model"
-        save_model(llama_config(shape), folder, "cuda", torch.bfloat16)  # kept on disk only
+        save_model(llama_config(shape), folder, device, torch.bfloat16)  # kept on disk only
         free_memory()
         generator = torch.Generator().manual_seed(0)
-        tokens = torch.randint(
-            0, shape["vocab_size"], (args.batch, args.seq + 1), generator=generator
-        )
+        tokens = torch.randint(0, shape["vocab_size"], (batch, seq + 1), generator=generator)
         if args.side == "bios":
-            step = bios_step(folder, Path(workdir), tokens)
+            step = bios_step(folder, Path(workdir), tokens, device)
         else:
-            step = plain_step(folder, tokens, args.micro or args.batch)
+            step = plain_step(folder, tokens, args.micro or batch, device)
         for _ in range(2):
             step()
         timings = [step() for _ in range(3)]
         forward_backward = sorted(t[0] for t in timings)[1]
         optim = sorted(t[1] for t in timings)[1]
-        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities, record_shapes=True) as profiler:
             step()
+        where = torch.cuda.get_device_name() if cuda else "CPU (--allow-cpu: figures mean nothing)"
         print(
-            f"{args.side}: {args.shape}, {args.batch} x {args.seq} tokens, LoRA r{RANK}, bf16, "
-            f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+            f"{args.side}: {name}, {batch} x {seq} tokens, LoRA r{RANK}, bf16, {where}, "
+            f"torch {torch.__version__}"
         )
         busy = print_profile(profiler, args.rows)
         print(
