@@ -1,5 +1,5 @@
-"""Bios on one GPU, checked and measured in one command that prints one table (about 6-8 minutes
-on one H200).
+"""Bios on one GPU, checked and measured in one command that prints one table (114 s on an H200,
+2026-12-04, before the sampling checks were added; parts (i) and (iii) alone took 88 s after).
 
     python benchmarks/gpu_check.py [--json out.json]
     python benchmarks/gpu_check.py --allow-cpu --tiny       # its code on the CPU, tiny configs
