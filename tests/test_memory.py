@@ -11,6 +11,7 @@ from bios.engine import memory
 from bios.engine.batch import pack_batch, resolve_config, resolve_objective
 from bios.engine.engine import Engine
 from bios.errors import InvalidInputError
+from bios.types import AdamParams
 from helpers import random_datum, saved_storages
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -80,6 +81,43 @@ def test_a_step_that_does_not_fit_is_refused_with_the_numbers(
     # An evaluation forward keeps no activations: it is not refused.
     client.forward(data, "cross_entropy").result()
     assert run.fingerprint() == before
+
+
+def test_a_step_counts_the_gradients_it_is_added_to(tiny_models, session_engine, monkeypatch):
+    """A step on top of accumulated gradients holds them a second time until it completes
+    (`TrainingRun.request_gradients`): 4 bytes a trainable value, counted when the request
+    arrives; after optim_step there are none, and the same request fits."""
+    service = ServiceClient(engine=session_engine)
+    client = service.create_lora_training_client(tiny_models["llama"], rank=4, seed=2)
+    run = session_engine.run(client.model_id)
+    model = session_engine.worker_of(client.model_id).loaded.model
+    generator = torch.Generator().manual_seed(2)
+    data = [random_datum(384, n, "cross_entropy", generator) for n in LENGTHS]
+    assert run.pending_gradient_bytes() == 0
+    client.forward_backward(data, "cross_entropy").result()
+    held = 4 * sum(p.numel() for p in run.parameters.values())  # every factor has a gradient
+    assert run.pending_gradient_bytes() == held
+    worker = session_engine.worker_of(client.model_id)
+    batch = pack_batch(
+        data,
+        resolve_objective("cross_entropy"),
+        worker.vocab_size,
+        worker.max_length,
+        attention_cost=worker.attention_cost,
+    )  # as the engine packs it
+    step = memory.step_bytes(memory.Shape.of(model), batch, False, 4)
+    free = int((step + held / 2) / memory.HEADROOM)  # the step fits, with the held copy not
+    monkeypatch.setattr(memory, "free_bytes", lambda device: free)
+    before = run.fingerprint()
+    with pytest.raises(InvalidInputError) as raised:
+        client.forward_backward(data, "cross_entropy")
+    message = str(raised.value)
+    assert "of it the gradients accumulated since the last optim_step" in message
+    assert "call optim_step before more forward_backward calls" in message
+    assert run.fingerprint() == before
+    client.optim_step(AdamParams(learning_rate=1e-3)).result()
+    assert run.pending_gradient_bytes() == 0
+    client.forward_backward(data, "cross_entropy").result()
 
 
 def test_a_run_that_does_not_fit_is_refused(tiny_models, session_engine, monkeypatch):

@@ -46,6 +46,50 @@ def test_two_halves_equal_one_full_batch(service: ServiceClient, session_engine:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
 
 
+def custom_cross_entropy(data, logprobs_list):
+    loss = sum(
+        -(lp * d.loss_fn_inputs["weights"].to_torch()).sum()
+        for d, lp in zip(data, logprobs_list, strict=True)
+    )
+    return loss, {}
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["built-in", "custom"])
+def test_a_step_that_fails_part_way_leaves_the_gradients_as_they_were(
+    custom, service: ServiceClient, session_engine: Engine, llama
+):
+    """A backward that raises part-way (as a GPU out of memory the planner did not foresee
+    would) leaves the run exactly as it was: autograd would already have added the gradients
+    of every layer after the failing one (and lm_head's), and the next optim_step would apply
+    them. The failure is raised where the backward reaches layer 0's q_proj, the last layer it
+    reaches. Then the run goes on as if the failed request had never been sent."""
+    fingerprints = []
+    for failing in (False, True):
+        client = service.create_lora_training_client(llama, rank=8, seed=21)
+        run = session_engine.run(client.model_id)
+        client.forward_backward(sft_batch(3, seed=1), "cross_entropy").result()
+        before = run.fingerprint()
+        if failing:
+            name = next(n for n in run.parameters if "layers.0.self_attn.q_proj.lora_B" in n)
+
+            def fail(grad: torch.Tensor) -> torch.Tensor:
+                raise RuntimeError("CUDA out of memory (raised by the test)")
+
+            handle = run.parameters[name].register_hook(fail)
+            data = sft_batch(4, seed=2)
+            with pytest.raises(RuntimeError, match="raised by the test"):
+                if custom:
+                    client.forward_backward_custom(data, custom_cross_entropy).result()
+                else:
+                    client.forward_backward(data, "cross_entropy").result()
+            handle.remove()
+            assert run.fingerprint() == before
+        client.forward_backward(sft_batch(2, seed=3), "cross_entropy").result()
+        client.optim_step(ADAM).result()
+        fingerprints.append(run.fingerprint())
+    assert fingerprints[0] == fingerprints[1]
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.05])
 def test_optim_step_equals_torch_adamw(clip, service: ServiceClient, session_engine: Engine, llama):
     client = service.create_lora_training_client(llama, rank=4, seed=2)

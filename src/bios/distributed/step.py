@@ -119,7 +119,9 @@ def distributed_step(
     batch = shard.batch if has_data else _dummy_batch()
     live: list[torch.Tensor] = []  # what this rank sends, still on the graph
     sent: list[torch.Tensor] = []
-    with torch.set_grad_enabled(header.backward), run.model() as model:
+    # A backward that fails part-way leaves the accumulated gradients as they were.
+    grad_mode = torch.set_grad_enabled(header.backward)
+    with run.request_gradients(header.backward), grad_mode, run.model() as model:
         if runs_model:
             batch = batch.to(next(model.parameters()).device)
             if header.logits or run.lockstep:

@@ -290,6 +290,7 @@ class Engine:
             run.checkpoint_layers,
             run.lora.rank if run.lora is not None else None,
             str(model.dtype).removeprefix("torch."),
+            held_gradients=run.pending_gradient_bytes(),
         )
 
     def _reference_adapter(self, run: Run, reference: str | None) -> LoRAAdapter | None:

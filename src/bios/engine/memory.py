@@ -308,24 +308,31 @@ def check_step_fits(
     checkpoint_layers: bool,
     lora_rank: int | None,
     dtype_name: str,
+    held_gradients: int = 0,
 ) -> None:
-    """Refuse a forward + backward that would not fit, naming the numbers and what to change."""
-    needed = step_bytes(shape, batch, checkpoint_layers, lora_rank)
+    """Refuse a forward + backward that would not fit, naming the numbers and what to change.
+    `held_gradients`: the bytes of the gradients accumulated so far, which the step holds a
+    second time (its own are added to them only once it completes)."""
+    step = step_bytes(shape, batch, checkpoint_layers, lora_rank)
+    needed = step + held_gradients
     free = free_bytes(device)
     if needed <= HEADROOM * free:
         return
-    per_token = needed / max(batch.input_ids.numel(), 1)
-    fits = int(HEADROOM * free / per_token)
+    per_token = step / max(batch.input_ids.numel(), 1)
+    fits = max(0, int((HEADROOM * free - held_gradients) / per_token))
     advice = [f"send at most about {fits} tokens per request (this one has {batch.num_tokens})"]
     if not checkpoint_layers:
         advice.append("create the run with gradient_checkpointing=True")
     if shape.dtype_bytes > 2:
         advice.append("load the base model in bf16 (--dtype bf16)")
+    if held_gradients:
+        advice.append("call optim_step before more forward_backward calls")
+    held = f", {gib(held_gradients)} of it the gradients accumulated since the last optim_step"
     raise InvalidInputError(
         "data",
         f"this request needs about {gib(needed)} on {device} for its forward and backward "
-        f"({batch.num_tokens} tokens, {dtype_name}) but {gib(free)} is free; "
-        + "; or ".join(advice),
+        f"({batch.num_tokens} tokens, {dtype_name}{held if held_gradients else ''}) but "
+        f"{gib(free)} is free; " + "; or ".join(advice),
     )
 
 

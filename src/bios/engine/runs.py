@@ -80,6 +80,8 @@ class Run(Protocol):
     @property
     def steps(self) -> int: ...
 
+    def pending_gradient_bytes(self) -> int: ...
+
     def forward_backward(
         self,
         batch: PackedBatch,
@@ -165,6 +167,42 @@ class TrainingRun:
             with self._host.use(self.adapter) as model:
                 yield model
 
+    @contextmanager
+    def request_gradients(self, backward: bool = True) -> Iterator[None]:
+        """One request's gradients, added to those accumulated since the last `optim_step` only
+        if the request completes. Inside the block the parameters start without gradients; on
+        success the accumulated ones are added to the request's (old + new, the order autograd
+        accumulates in), on any failure part-way (a GPU out of memory that the planner did not
+        foresee, a backward that raises) the accumulated ones are put back as they were: without
+        this, autograd would already have added part of the failed request's gradients, and the
+        next `optim_step` would apply them. Costs a second set of gradients while a request runs
+        on top of an accumulation (`pending_gradient_bytes`, which the memory check counts)."""
+        if not backward:
+            yield
+            return
+        accumulated = {name: param.grad for name, param in self.parameters.items()}
+        for param in self.parameters.values():
+            param.grad = None
+        try:
+            yield
+        except BaseException:
+            for name, param in self.parameters.items():
+                param.grad = accumulated[name]
+            raise
+        for name, param in self.parameters.items():
+            before = accumulated[name]
+            if before is not None:
+                param.grad = before if param.grad is None else before.add_(param.grad)
+
+    def pending_gradient_bytes(self) -> int:
+        """Bytes of the gradients accumulated since the last `optim_step`: a request's step
+        holds them a second time (`request_gradients`)."""
+        return sum(
+            param.grad.numel() * param.grad.element_size()
+            for param in self.parameters.values()
+            if param.grad is not None
+        )
+
     # ---- steps --------------------------------------------------------------------------------
 
     def forward_backward(
@@ -188,7 +226,8 @@ class TrainingRun:
         inputs = here.inputs
         if objective.needs_reference and REF_LOGPROBS not in inputs:
             inputs = {**inputs, REF_LOGPROBS: self.reference_logprobs(here, reference)}
-        with torch.set_grad_enabled(backward or keep_graph), self.model() as model, self.autocast():
+        grad_mode = torch.set_grad_enabled(backward or keep_graph)
+        with self.request_gradients(backward), grad_mode, self.model() as model, self.autocast():
             if backward and kept is not None and kept.serves(batch, self.weights_version):
                 logprobs = kept.logprobs
             else:
@@ -221,7 +260,7 @@ class TrainingRun:
         """
         self.kept = None
         here = batch.to(self.device)
-        with torch.enable_grad(), self.model() as model, self.autocast():
+        with self.request_gradients(), torch.enable_grad(), self.model() as model, self.autocast():
             if input_type == "logprobs":  # over chunks: no full logits held
                 logprobs = target_logprobs(model, here, checkpoint_layers=self.checkpoint_layers)
                 given = here.split(logprobs)
