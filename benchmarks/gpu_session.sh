@@ -1,8 +1,9 @@
 #!/bin/sh
 # Every GPU check in one command, for one call of a lent GPU machine (about 5 minutes on an
-# H200, estimated from this session's runs): benchmarks/gpu_check.py whole, then benchmarks/profile_step.py on Bios's and the plain
-# loop's Llama-3.2-1B step and on Bios's Llama-3.1-8B step. Logs and the check's JSON go to
-# $1, else $OUT, else /tmp/bios-gpu; the check's table is printed as well.
+# H200, estimated from this session's runs): benchmarks/gpu_check.py whole, then
+# benchmarks/profile_step.py on Bios's and the plain loop's Llama-3.2-1B step and on Bios's
+# Llama-3.1-8B step. Logs and the check's JSON go to $1, else $OUT, else /tmp/bios-gpu; the
+# check's table is printed as well.
 #
 #     sh benchmarks/gpu_session.sh [folder]
 #
