@@ -170,13 +170,15 @@ class TrainingRun:
     @contextmanager
     def request_gradients(self, backward: bool = True) -> Iterator[None]:
         """One request's gradients, added to those accumulated since the last `optim_step` only
-        if the request completes. Inside the block the parameters start without gradients; on
-        success the accumulated ones are added to the request's (old + new, the order autograd
-        accumulates in), on any failure part-way (a GPU out of memory that the planner did not
-        foresee, a backward that raises) the accumulated ones are put back as they were: without
-        this, autograd would already have added part of the failed request's gradients, and the
-        next `optim_step` would apply them. Costs a second set of gradients while a request runs
-        on top of an accumulation (`pending_gradient_bytes`, which the memory check counts)."""
+        if the request completes. Inside the block the parameters start without gradients. On
+        success the accumulated ones are added to the request's (old + new: autograd's order,
+        except that several contributions to one parameter in one backward join the old as one
+        sum, a float32 rounding apart). On any failure part-way (a GPU out of memory that the
+        planner did not foresee, a backward that raises) the accumulated ones are put back as
+        they were: without this, autograd would already have added part of the failed request's
+        gradients, and the next `optim_step` would apply them. Costs a second set of gradients
+        while a request runs on top of an accumulation (`pending_gradient_bytes`, which the
+        memory check counts)."""
         if not backward:
             yield
             return
