@@ -53,7 +53,7 @@ def bios_step(
     prints the memory planner's estimate of the step against its measured peak."""
     from bios.client.service import ServiceClient
     from bios.engine import memory
-    from bios.engine.batch import pack_batch, resolve_config, resolve_objective
+    from bios.engine.batch import resolve_config, resolve_objective
     from bios.engine.engine import Engine
     from bios.types import AdamParams
 
@@ -64,13 +64,7 @@ def bios_step(
     data = sft_data(tokens)
     adam = AdamParams(learning_rate=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
     worker = engine.worker_of(training.model_id)
-    batch = pack_batch(
-        data,
-        resolve_objective("cross_entropy"),
-        worker.vocab_size,
-        worker.max_length,
-        attention_cost=worker.attention_cost,
-    )
+    batch = worker.pack(data, resolve_objective("cross_entropy"))
     estimate = memory.step_bytes(memory.Shape.of(worker.loaded.model), batch, False, RANK)
     synchronize()
     before = memory_allocated()

@@ -97,14 +97,7 @@ def test_a_step_counts_the_gradients_it_is_added_to(tiny_models, session_engine,
     client.forward_backward(data, "cross_entropy").result()
     held = 4 * sum(p.numel() for p in run.parameters.values())  # every factor has a gradient
     assert run.pending_gradient_bytes() == held
-    worker = session_engine.worker_of(client.model_id)
-    batch = pack_batch(
-        data,
-        resolve_objective("cross_entropy"),
-        worker.vocab_size,
-        worker.max_length,
-        attention_cost=worker.attention_cost,
-    )  # as the engine packs it
+    batch = session_engine.worker_of(client.model_id).pack(data, resolve_objective("cross_entropy"))
     step = memory.step_bytes(memory.Shape.of(model), batch, False, 4)
     free = int((step + held / 2) / memory.HEADROOM)  # the step fits, with the held copy not
     monkeypatch.setattr(memory, "free_bytes", lambda device: free)

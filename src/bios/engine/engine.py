@@ -19,7 +19,7 @@ import torch
 from bios.checkpoints.layout import read_state
 from bios.checkpoints.paths import CheckpointPath, check_name, check_run_id, checkpoint_folder
 from bios.engine import memory
-from bios.engine.batch import PackedBatch, pack_batch, resolve_config, resolve_objective
+from bios.engine.batch import PackedBatch, resolve_config, resolve_objective
 from bios.engine.devices import Precision, resolve_precision
 from bios.engine.kept_graph import KEEP_SECONDS
 from bios.engine.provenance import SampledSequences
@@ -219,13 +219,8 @@ class Engine:
         run, worker = self.run(run_id), self._run_workers[run_id]
         objective = resolve_objective(loss_fn)
         config = resolve_config(objective, loss_fn_config)
-        batch = pack_batch(
-            data,
-            objective,
-            worker.vocab_size,
-            worker.max_length,
-            lookup=lambda sequence_id: self.sampled.lookup(owner, sequence_id),
-            attention_cost=worker.attention_cost,
+        batch = worker.pack(
+            data, objective, lookup=lambda sequence_id: self.sampled.lookup(owner, sequence_id)
         )
         if backward or keep_graph:
             self._check_step_fits(run, worker, batch)
@@ -272,9 +267,7 @@ class Engine:
         """A user's loss of per-datum logprobs (or logits), on the live graph of one forward."""
         run, worker = self.run(run_id), self._run_workers[run_id]
         check_custom_loss(loss_fn, loss_type_input)
-        batch = pack_batch(
-            data, None, worker.vocab_size, worker.max_length, attention_cost=worker.attention_cost
-        )
+        batch = worker.pack(data, None)
         self._check_step_fits(run, worker, batch)
         return worker.submit(
             run.forward_backward_custom, batch, data, loss_fn, loss_type_input, lane=run_id

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
 
-from bios.engine.batch import attention_cost
+from bios.engine import provenance
+from bios.engine.batch import PackedBatch, attention_cost, pack_batch
 from bios.engine.runs import Run
 from bios.models.attention import takes_segments
 from bios.models.loading import LoadedModel
 from bios.models.lora import AdapterHost
+from bios.objectives import Objective
+from bios.types import Datum
 
 T = TypeVar("T")
 _Item = tuple[Callable[..., object], tuple[object, ...], Future]
@@ -68,6 +71,23 @@ class ModelWorker:
     @property
     def max_length(self) -> int:
         return int(getattr(self.loaded.model.config, "max_position_embeddings", 1 << 20))
+
+    def pack(
+        self,
+        data: Sequence[Datum],
+        objective: Objective | None,
+        lookup: provenance.Lookup | None = None,
+    ) -> PackedBatch:
+        """`data` checked and packed for this model (`bios.engine.batch.pack_batch` with its
+        vocabulary, length limit and attention cost)."""
+        return pack_batch(
+            data,
+            objective,
+            self.vocab_size,
+            self.max_length,
+            lookup=lookup,
+            attention_cost=self.attention_cost,
+        )
 
     def submit(
         self, fn: Callable[..., T], *args: object, lane: str = "", first: bool = False
