@@ -79,7 +79,8 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -642,20 +643,27 @@ def check_correctness(ctx: Context) -> None:
         check_chunking(ctx, part, tok, tight)
 
 
-def bios_sample(sampler, prompt: list[int], samples: int, params, graphs: bool):
-    """`sampler.sample`, its decode steps replayed as CUDA graphs or run eagerly
-    (`BIOS_CUDA_GRAPHS`, read as each decode starts)."""
-    from bios.types import ModelInput
-
+@contextmanager
+def cuda_graphs(enabled: bool) -> Iterator[None]:
+    """Inside the block, decodes replay CUDA graphs or run eagerly (`BIOS_CUDA_GRAPHS`, read as
+    each decode starts); the variable is restored afterwards."""
     before = os.environ.get("BIOS_CUDA_GRAPHS")
-    os.environ["BIOS_CUDA_GRAPHS"] = "1" if graphs else "0"
+    os.environ["BIOS_CUDA_GRAPHS"] = "1" if enabled else "0"
     try:
-        return sampler.sample(ModelInput.from_ints(prompt), samples, params).result()
+        yield
     finally:
         if before is None:
             del os.environ["BIOS_CUDA_GRAPHS"]
         else:
             os.environ["BIOS_CUDA_GRAPHS"] = before
+
+
+def bios_sample(sampler, prompt: list[int], samples: int, params, graphs: bool):
+    """`sampler.sample`, its decode steps replayed as CUDA graphs or run eagerly."""
+    from bios.types import ModelInput
+
+    with cuda_graphs(graphs):
+        return sampler.sample(ModelInput.from_ints(prompt), samples, params).result()
 
 
 def same_samples(a, b) -> tuple[bool, float]:
@@ -1116,17 +1124,10 @@ def diagnose_graphs(ctx, part, name, sampler, prompt, samples, new_tokens) -> No
         settings = SampleSettings(
             max_tokens=max_tokens, temperature=1.0, top_k=-1, top_p=1.0, seed=0
         )
-        before = os.environ.get("BIOS_CUDA_GRAPHS")
-        os.environ["BIOS_CUDA_GRAPHS"] = "1" if graphs else "0"
-        try:
-            with session.model() as model, torch.inference_mode():
-                decoder = Decoder(model, [SampleRequest(prompt, samples, settings)], tokenizer)
-                while not decoder.advance(model, 0.0 if turns else math.inf):
-                    pass
-        finally:
-            os.environ.pop("BIOS_CUDA_GRAPHS")
-            if before is not None:
-                os.environ["BIOS_CUDA_GRAPHS"] = before
+        with cuda_graphs(graphs), session.model() as model, torch.inference_mode():
+            decoder = Decoder(model, [SampleRequest(prompt, samples, settings)], tokenizer)
+            while not decoder.advance(model, 0.0 if turns else math.inf):
+                pass
         return decoder
 
     # max_tokens=2: one decode forward, whose logits the decoder keeps.

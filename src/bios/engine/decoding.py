@@ -544,19 +544,18 @@ class Decoder:
         """Logits (B, V) after feeding each row its newest token."""
         assert batch.cache is not None
         if self.static_step is not None:
-            logits = self.static_step(tokens, batch.positions)
-            batch.positions += 1
-            return logits
-        mask = None
-        if batch.mask is not None:
-            mask = batch.mask[:, : batch.cache.get_seq_length() + 1]
-        logits = self.model(
-            input_ids=tokens[:, None],
-            attention_mask=mask,
-            position_ids=batch.positions[:, None],
-            past_key_values=batch.cache,
-            use_cache=True,
-        ).logits[:, -1]
+            logits = self.static_step(tokens, batch.positions)  # float32 already
+        else:
+            mask = None
+            if batch.mask is not None:
+                mask = batch.mask[:, : batch.cache.get_seq_length() + 1]
+            logits = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=batch.positions[:, None],
+                past_key_values=batch.cache,
+                use_cache=True,
+            ).logits[:, -1]
         batch.positions += 1
         return logits.float()
 
