@@ -60,6 +60,22 @@ def future_result(client, response) -> dict:
     raise TimeoutError(request_id)
 
 
+def peak_allocated(fn) -> int:
+    """The most CPU memory in tensors that `fn()` had allocated at once, above what was allocated
+    when it began: the allocator's own events, as torch.profiler records them (every tensor
+    allocated and freed, saved for the backward or not)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # negative where a block is freed
+        peak = max(peak, live)
+    return peak
+
+
 @contextlib.contextmanager
 def saved_storages(held: Iterable[torch.Tensor]) -> Iterator[dict[int, int]]:
     """Inside the block, the distinct storages autograd saves for the backward (address ->

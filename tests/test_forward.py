@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from bios.client.service import ServiceClient
 from bios.engine.batch import (
@@ -32,9 +32,10 @@ from bios.engine.forward import (
 )
 from bios.errors import InvalidInputError
 from bios.models.attention import ATTENTION, takes_segments
+from bios.models.lora import AdapterHost, LoRAAdapter
 from bios.objectives import linear_coefficients
-from bios.types import Datum, ModelInput
-from helpers import random_datum, reference_logprobs
+from bios.types import Datum, LoraConfig, ModelInput
+from helpers import peak_allocated, random_datum, reference_logprobs
 from test_soft_targets import soft_data
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -357,6 +358,36 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
     for grads in (g_known, results["engine"][2]):
         for name, grad in g_full.items():
             assert gradient_error(grads[name], grad) <= GRADIENT_TOLERANCE, name
+
+
+def test_the_unembedding_holds_three_chunks_of_logits_at_most():
+    """With the unembedding's backward run in the forward, a spent chunk is let go before the
+    next chunk's logits are made: at the peak the log-softmax buffer and the next chunk's logits
+    and LoRA delta (lm_head adapted, as by default), the three chunk-sized tensors the memory
+    planner counts (`memory.step_bytes`), not four. A 32k vocabulary and a one-layer decoder of
+    width 16, so the chunks are all but the whole of the peak."""
+    config = LlamaConfig(
+        vocab_size=32768, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).requires_grad_(False)
+    host = AdapterHost(model)
+    lora = LoraConfig(rank=4, train_attn=False, train_mlp=False, train_unembed=True)
+    adapter = LoRAAdapter.for_model(model, lora)
+    generator = torch.Generator().manual_seed(1)
+    data = [random_datum(32768, n, "cross_entropy", generator) for n in (150, 120, 90)]
+    batch = pack_batch(data, resolve_objective("cross_entropy"), 32768, 1 << 20)
+    chunk, chunk_bytes = 64, 64 * 32768 * 4
+    assert batch.num_tokens >= 4 * chunk
+
+    def chunked():
+        with host.use(adapter):
+            grads = -batch.inputs["weights"]
+            target_logprobs(model, batch, chunk_tokens=chunk, logprob_grads=grads)
+
+    factor_gradients = 2 * sum(p.numel() for p in adapter.parameters()) * 4  # a chunk's, the sum
+    assert peak_allocated(chunked) <= 3 * chunk_bytes + factor_gradients + chunk_bytes // 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

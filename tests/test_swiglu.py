@@ -8,6 +8,8 @@ transformers loads them, with no fused forward installed.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -185,6 +187,23 @@ def test_full_fine_tuning_reads_a_recomputed_product(dtype):
     wide = 3 * 7 * config.intermediate_size * dtype.itemsize
     assert sorted(plain_saved.values()).count(wide) == 4
     assert sorted(fused_saved.values()).count(wide) == 2
+
+
+def test_the_product_is_freed_when_the_mlp_returns():
+    """Not saved is not enough: nothing may hold the product once the MLP has returned (the
+    saved-tensor hooks outlive the forward, inside the graph), or it stays in memory until the
+    backward after all, one (tokens × intermediate) tensor a layer more than planned."""
+    config = tiny(LlamaConfig)
+    mlp = LlamaForCausalLM(config).model.layers[0].mlp
+    fuse_swiglu_mlps(mlp)
+    products: list[weakref.ref] = []
+    mlp.down_proj.register_forward_pre_hook(lambda _, args: products.append(weakref.ref(args[0])))
+    x = torch.randn(2, 5, config.hidden_size, requires_grad=True)
+    out = mlp(x)
+    gc.collect()
+    assert len(products) == 1 and products[0]() is None
+    out.sum().backward()  # the recipe still gives the down projection's weight its gradient
+    assert mlp.down_proj.weight.grad.abs().sum() > 0
 
 
 def test_the_recomputed_product_survives_a_double_backward():

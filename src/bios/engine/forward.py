@@ -318,7 +318,11 @@ def _logprobs_with_known_gradient(
         if start == 0:
             leaf_grads = grads
         else:
-            leaf_grads = [total + grad for total, grad in zip(leaf_grads, grads, strict=True)]
+            for total, grad in zip(leaf_grads, grads, strict=True):
+                total.add_(grad)  # autograd.grad's own fresh tensors: safe to add into
+        # Let go of the spent chunk now: held through the next chunk's unembedding, it would be
+        # one more chunk of logits at the step's peak than the three the planner counts.
+        del logits, logits_grad, piece_grad, grads
     if not leaves:  # no live position: the head's leaves, for their zero gradients
         with torch.enable_grad():
             probe = hidden[:1].detach().requires_grad_()

@@ -30,9 +30,17 @@ head dim), k = the key/value width (kv heads × head dim), i = the MLP width, n 
                   hidden states, the rotary cos and sin (float32, shared by the layers)
     attention     the block-diagonal additive mask, rows × row length² × b (one for all layers),
                   none where Bios's CPU attention takes the rows' segment ids instead
-    logits        one chunk: chunk tokens × vocabulary × 4 bytes × 3 (the logits, their
-                  log-softmax and its gradient; `engine/forward.py`)
-    LoRA          per token and adapted layer, the rank-r intermediate A·x (r × 4 bytes), small
+    LoRA          per token and adapted layer, the rank-r intermediate A·x (r × 4 bytes), small;
+                  in bf16 also the factors' bf16 casts, b · r · (in + out) each
+and on top of what is kept, the larger of two moments:
+    logits        the unembedding's chunks, at the end of the forward: chunk tokens ×
+                  vocabulary × 4 bytes × 3 (the log-softmax buffer, and the next chunk's logits
+                  and lm_head's LoRA delta, the spent chunk let go; `engine/forward.py`),
+                  lm_head's LoRA gradients twice (a chunk's and their running sum), and the
+                  hidden states' gradient twice (the chunks' pieces, then joined), tokens · 2b·h
+    backward      a layer's MLP backward: tokens · b · (5i + 2h), the product's gradient and
+                  the two it is summed from, SiLU's recomputed output and gate's and up's
+                  gradients, and the residual stream's gradient
 
 What a decode batch holds at its peak (`sample_bytes`; R rows = the batch's samples, S = its most
 `max_tokens`, P_j its prompts' lengths, P the longest, c = bytes per element of the KV cache's
@@ -60,8 +68,10 @@ batch's estimate fits.
 A run holds its trainable parameters in float32 four times over: weights, gradients, and the
 two AdamW moments (16 bytes a parameter); a full fine-tuning run also its own copy of the model.
 
-The estimates are upper bounds of what autograd keeps (a test compares them with the bytes it
-saves on real models); the free memory is the device's (`torch.cuda.mem_get_info` plus what
+The estimates are upper bounds of the step's peak: tests compare them with the most the CPU
+allocator had allocated at once during real steps (what autograd keeps and every transient,
+from the allocator's own events: 1.03-1.05× it without checkpointing) and with the bytes autograd
+saves; the free memory is the device's (`torch.cuda.mem_get_info` plus what
 torch's caching allocator holds unused) or the host's `MemAvailable`.
 """
 
@@ -157,25 +167,44 @@ class Shape:
         return per_token
 
 
+def lora_width(shape: Shape) -> int:
+    """Σ (in + out) over a decoder layer's seven projections (q, k, v, o, gate, up, down): a
+    rank-r adapter on all of them has r times as many values a layer."""
+    h, q, k, i = shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
+    return (h + q) + 2 * (h + k) + (q + h) + 2 * (h + i) + (i + h)
+
+
 def step_bytes(
     shape: Shape, batch: PackedBatch, checkpoint_layers: bool, lora_rank: int | None
 ) -> int:
     """What a forward + backward of `batch` holds at its peak (see the module docstring)."""
     tokens = batch.input_ids.numel()  # the padding at the rows' ends is computed too
+    b, rank = shape.dtype_bytes, lora_rank or 0
     per_layer = shape.layer_bytes_per_token(batch.shares_rows, checkpoint_layers)
     if checkpoint_layers:
-        activations = shape.layers * tokens * shape.dtype_bytes * shape.hidden
+        activations = shape.layers * tokens * b * shape.hidden
         activations += tokens * per_layer
     else:
         activations = shape.layers * tokens * per_layer
-    around = tokens * (2 * shape.dtype_bytes * shape.hidden + 8 * (shape.q_width // shape.heads))
+    around = tokens * (2 * b * shape.hidden + 8 * (shape.q_width // shape.heads))
     rows, width = batch.input_ids.shape
     masked = batch.shares_rows and not shape.cpu_attention
-    attention = rows * width * width * shape.dtype_bytes if masked else 0
+    attention = rows * width * width * b if masked else 0
+    lora = shape.layers * tokens * 7 * 4 * rank
+    if b != 4:  # the float32 factors' casts to the model's dtype, kept for the backward
+        lora += b * rank * (shape.layers * lora_width(shape) + shape.hidden + shape.vocab)
+    # Then the larger of two moments on top of what is kept. The unembedding's chunks, at the
+    # end of the forward: a chunk's logits, their log-softmax and its gradient, lm_head's LoRA
+    # gradients (a chunk's and their running sum), and the hidden states' gradient (the chunks'
+    # pieces, then joined into one tensor). Or the backward of a layer's MLP: the
+    # product's gradient (and the two it is summed from), SiLU's recomputed output and the
+    # gradients of gate and up, five (tokens × intermediate) tensors at once, and the residual
+    # stream's gradient.
     chunk = min(batch.num_tokens, chunk_tokens_for(shape.vocab, batch.input_ids.device))
-    logits = chunk * shape.vocab * 4 * 3
-    lora = shape.layers * tokens * 7 * 4 * (lora_rank or 0)  # 7 adapted projections a layer
-    return activations + around + attention + logits + lora
+    logits = chunk * shape.vocab * 4 * 3 + 2 * 4 * rank * (shape.hidden + shape.vocab)
+    logits += tokens * 2 * b * shape.hidden
+    backward = tokens * b * (5 * shape.intermediate + 2 * shape.hidden)
+    return activations + around + attention + lora + max(logits, backward)
 
 
 def cache_bytes(shape: Shape, rows: int, positions: int, element_bytes: int) -> int:
