@@ -464,8 +464,10 @@ def test_bf16_full_fine_tuning_computes_under_autocast(llama, engines):
 
 def test_lora_delta_is_computed_in_the_layers_dtype_from_float32_factors(llama):
     """On a bf16 layer the delta is (α/r)·B(A x) with A and B cast to bf16 (the hand formula,
-    exactly), within bf16 rounding of the float32 delta; the factors and their gradients stay
-    float32; inside autocast (full fine-tuning's references) the delta is float32."""
+    exactly), within bf16 rounding of the float32 delta; the adapted layer's output is the
+    plain output plus it in one GEMM (`torch.addmm`), rounded once, so nearer the exact sum than
+    the plain output plus the rounded delta; the factors and their gradients stay float32;
+    inside autocast (full fine-tuning's references) the delta is float32."""
     model = load_model(llama, torch.bfloat16).model
     host = AdapterHost(model)
     adapter = LoRAAdapter.for_model(model, LoraConfig(rank=4, seed=0))
@@ -492,7 +494,12 @@ def test_lora_delta_is_computed_in_the_layers_dtype_from_float32_factors(llama):
     assert delta.dtype == torch.bfloat16 and torch.equal(delta, by_hand)
     relative = (delta.float() - in_float32).norm() / in_float32.norm()
     assert relative < 2**-7, relative
-    assert got.dtype == torch.bfloat16 and torch.equal(got, plain + delta)
+    scaled = torch.nn.functional.linear(x, a.to(torch.bfloat16)) * adapter.scale
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.addmm(plain, scaled, b.to(torch.bfloat16).T).detach())
+    exact = plain.double() + scaled.double() @ b.to(torch.bfloat16).double().T
+    twice_rounded = (plain + delta).double()
+    assert (got.double() - exact).norm() < (twice_rounded - exact).norm()
     # The gradients reach the float32 factors as float32, close to the float32 computation's.
     adapter.delta(name, x).float().square().sum().backward()
     grads = [a.grad, b.grad]
