@@ -9,6 +9,7 @@ import torch
 from bios.client.service import ServiceClient
 from bios.engine import memory
 from bios.engine.batch import pack_batch, resolve_config, resolve_objective
+from bios.engine.decoding import SampleRequest, SampleSettings, generate
 from bios.engine.engine import Engine
 from bios.errors import InvalidInputError
 from bios.types import AdamParams
@@ -188,6 +189,23 @@ def test_a_decode_cache_grows_to_what_the_estimate_counts(
     shape = memory.Shape.of(session_engine.worker(tiny_models[family]).loaded.model)
     assert memory.cache_bytes(shape, rows, len(prompt) + steps, 4) == allocated
     assert memory.sample_bytes(shape, [request], 4) > allocated
+
+
+@pytest.mark.parametrize("prompt_logprobs", [False, True], ids=["plain", "prompt logprobs"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_decode_estimate_bounds_its_peak(family, prompt_logprobs, tiny_models, session_engine):
+    """`sample_bytes` is at least the most a decode had allocated at once (the allocator's own
+    events: prefill, KV cache growth, every step's logits and token choice), with and without
+    the prompt's logprobs, and at most twice it (the peak measured 0.59-0.62 of it here, 0.68-0.84
+    on SmolLM2's shape)."""
+    loaded = session_engine.worker(tiny_models[family]).loaded
+    settings = SampleSettings(max_tokens=24, temperature=1.0, top_k=-1, top_p=1.0, seed=0)
+    request = SampleRequest(list(range(3, 40)), 6, settings, prompt_logprobs=prompt_logprobs)
+    generate(loaded.model, [request], loaded.tokenizer)  # first: any one-off allocation
+    # On this thread while the model's worker is idle: the profiler sees this thread's own.
+    peak = peak_allocated(lambda: generate(loaded.model, [request], loaded.tokenizer))
+    planned = memory.sample_bytes(memory.Shape.of(loaded.model), [request], 4)  # float32 cache
+    assert peak <= planned <= 2 * peak, (peak, planned)
 
 
 @pytest.mark.parametrize("when", ["arriving", "decoding"])
