@@ -104,6 +104,11 @@ def scenario(service: ServiceClient, model: str) -> dict:
     out["base_samples"] = _samples(base.sample(ModelInput.from_ints([4, 4]), 3, params).result())
 
     full = service.create_full_training_client(model)
+    # What the memory check counts for a step's gradients: on several ranks, this rank's shards.
+    full_run = service._engine.run(full.model_id)
+    out["full_gradient_bytes"] = full_run.gradient_bytes()
+    local = getattr(full_run, "local", full_run)  # rank 0's own run behind a LeaderRun
+    out["full_shapes"] = [tuple(param.shape) for param in local.parameters.values()]
     out["full"] = train(full)
     out["full_path"] = full.save_state("full3").result().path
     out["full_one"] = _fb(full.forward_backward(BATCH[:1], "cross_entropy").result())

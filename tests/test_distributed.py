@@ -10,6 +10,7 @@ from the other's checkpoints. A third job loses a rank and must say so.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import signal
 import subprocess
@@ -109,6 +110,17 @@ def test_three_steps_equal_one_process(both, kind):
     _, one, two, _, _ = both
     _assert_close(one[kind], two["scenario"][kind], kind)
     _assert_close(one[f"{kind}_one"], two["scenario"][f"{kind}_one"], f"{kind}_one")
+
+
+def test_a_sharded_run_counts_its_own_shards_of_the_gradients(both):
+    """The memory check counts the gradients a step makes (4 bytes a value): one process the
+    whole model's, rank 0 of two only its FSDP2 shards (the first ⌈rows / 2⌉ rows of each)."""
+    _, one, two, _, _ = both
+    shapes = one["full_shapes"]
+    assert two["scenario"]["full_shapes"] == shapes
+    assert one["full_gradient_bytes"] == sum(4 * math.prod(shape) for shape in shapes)
+    first_shards = sum(4 * math.ceil(s[0] / 2) * math.prod(s[1:]) for s in shapes)
+    assert two["scenario"]["full_gradient_bytes"] == first_shards
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])

@@ -91,34 +91,63 @@ def test_a_step_that_does_not_fit_is_refused_with_the_numbers(
     assert run.fingerprint() == before
 
 
-def test_a_step_counts_the_gradients_it_is_added_to(tiny_models, session_engine, monkeypatch):
-    """A step on top of accumulated gradients holds them a second time until it completes
-    (`TrainingRun.request_gradients`): 4 bytes a trainable value, counted when the request
-    arrives; after optim_step there are none, and the same request fits."""
+def test_a_step_counts_the_gradients_it_makes(tiny_models, session_engine, monkeypatch):
+    """A request's backward makes a fresh set of gradients (`TrainingRun.request_gradients`),
+    4 bytes a trainable value, counted when it arrives; gradients accumulated since the last
+    optim_step are allocated already (so not free), and the refusal then says optim_step frees
+    them. Here the device's free memory is what is left beside the accumulated gradients: with
+    them held the step does not fit, after optim_step the same request does."""
     service = ServiceClient(engine=session_engine)
     client = service.create_lora_training_client(tiny_models["llama"], rank=4, seed=2)
     run = session_engine.run(client.model_id)
     model = session_engine.worker_of(client.model_id).loaded.model
     generator = torch.Generator().manual_seed(2)
     data = [random_datum(384, n, "cross_entropy", generator) for n in LENGTHS]
-    assert run.pending_gradient_bytes() == 0
+    gradients = 4 * sum(p.numel() for p in run.parameters.values())
+    assert run.gradient_bytes() == gradients and run.pending_gradient_bytes() == 0
     client.forward_backward(data, "cross_entropy").result()
-    held = 4 * sum(p.numel() for p in run.parameters.values())  # every factor has a gradient
-    assert run.pending_gradient_bytes() == held
+    assert run.pending_gradient_bytes() == gradients  # every factor has a gradient
     batch = session_engine.worker_of(client.model_id).pack(data, resolve_objective("cross_entropy"))
     step = memory.step_bytes(memory.Shape.of(model), batch, False, 4)
-    free = int((step + held / 2) / memory.HEADROOM)  # the step fits, with the held copy not
-    monkeypatch.setattr(memory, "free_bytes", lambda device: free)
+    device = int((step + gradients + gradients / 2) / memory.HEADROOM)
+    monkeypatch.setattr(memory, "free_bytes", lambda _: device - run.pending_gradient_bytes())
     before = run.fingerprint()
     with pytest.raises(InvalidInputError) as raised:
         client.forward_backward(data, "cross_entropy")
     message = str(raised.value)
-    assert "of it the gradients accumulated since the last optim_step" in message
-    assert "call optim_step before more forward_backward calls" in message
+    assert f"{memory.gib(step + gradients)} on cpu for its forward and backward" in message
+    assert f"{memory.gib(gradients)} of it the gradients it makes" in message
+    assert "call optim_step before more forward_backward calls (it frees the " in message
     assert run.fingerprint() == before
     client.optim_step(AdamParams(learning_rate=1e-3)).result()
     assert run.pending_gradient_bytes() == 0
     client.forward_backward(data, "cross_entropy").result()
+
+
+def test_a_full_fine_tuning_step_counts_its_gradients(tiny_models, session_engine, monkeypatch):
+    """A full fine-tuning run's first step makes gradients the size of its float32 weights:
+    a step whose activations alone would fit is refused when they do not, with nothing
+    changed; and the step's measured peak is within its activations and those gradients."""
+    client = ServiceClient(engine=session_engine).create_full_training_client(tiny_models["qwen3"])
+    run = session_engine.run(client.model_id)
+    generator = torch.Generator().manual_seed(3)
+    data = [random_datum(384, n, "cross_entropy", generator) for n in LENGTHS]
+    objective = resolve_objective("cross_entropy")
+    batch = session_engine.worker_of(client.model_id).pack(data, objective)
+    step = memory.step_bytes(memory.Shape.of(run.full_model), batch, False, None)
+    gradients = run.gradient_bytes()
+    assert gradients == 4 * sum(p.numel() for p in run.full_model.parameters())
+    peak = peak_allocated(lambda: run.forward_backward(batch, objective, {}, True))
+    assert peak <= step + gradients, (peak, step, gradients)
+    for param in run.parameters.values():
+        param.grad = None
+    before = run.fingerprint()
+    free = int((step + gradients / 2) / memory.HEADROOM)  # the activations fit, not the rest
+    monkeypatch.setattr(memory, "free_bytes", lambda _: free)
+    with pytest.raises(InvalidInputError, match="of it the gradients it makes"):
+        client.forward_backward(data, "cross_entropy")
+    assert run.fingerprint() == before
+    session_engine.drop_run(client.model_id)
 
 
 def test_a_run_that_does_not_fit_is_refused(tiny_models, session_engine, monkeypatch):

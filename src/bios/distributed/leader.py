@@ -89,6 +89,9 @@ class LeaderRun:
     def pending_gradient_bytes(self) -> int:
         return self.local.pending_gradient_bytes()
 
+    def gradient_bytes(self) -> int:
+        return self.local.gradient_bytes()
+
     def _call(self, name: str, header=None, shards=None, local=None):
         with self.replica.group.lock:
             if self.dropped:

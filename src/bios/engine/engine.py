@@ -283,6 +283,7 @@ class Engine:
             run.checkpoint_layers,
             run.lora.rank if run.lora is not None else None,
             str(model.dtype).removeprefix("torch."),
+            new_gradients=run.gradient_bytes(),
             held_gradients=run.pending_gradient_bytes(),
         )
 

@@ -67,6 +67,9 @@ batch's estimate fits.
 
 A run holds its trainable parameters in float32 four times over: weights, gradients, and the
 two AdamW moments (16 bytes a parameter); a full fine-tuning run also its own copy of the model.
+A training request's backward makes a fresh set of gradients (4 bytes a trainable value), which
+its check counts on top of the step; those accumulated since the last `optim_step` are
+allocated already, so not free.
 
 The estimates are upper bounds of the step's peak: tests compare them with the most the CPU
 allocator had allocated at once during real steps (what autograd keeps and every transient,
@@ -337,31 +340,36 @@ def check_step_fits(
     checkpoint_layers: bool,
     lora_rank: int | None,
     dtype_name: str,
+    new_gradients: int,
     held_gradients: int = 0,
 ) -> None:
     """Refuse a forward + backward that would not fit, naming the numbers and what to change.
-    `held_gradients`: the bytes of the gradients accumulated so far, which the step holds a
-    second time (its own are added to them only once it completes)."""
+    `new_gradients`: the bytes of the gradients the request's backward makes, a fresh set
+    every time (`TrainingRun.request_gradients`; a full fine-tuning run's are the size of its
+    weights). `held_gradients`: the bytes of those accumulated since the last `optim_step`,
+    which are allocated already (so not free) and which `optim_step` would release."""
     step = step_bytes(shape, batch, checkpoint_layers, lora_rank)
-    needed = step + held_gradients
+    needed = step + new_gradients
     free = free_bytes(device)
     if needed <= HEADROOM * free:
         return
     per_token = step / max(batch.input_ids.numel(), 1)
-    fits = max(0, int((HEADROOM * free - held_gradients) / per_token))
+    fits = max(0, int((HEADROOM * free - new_gradients) / per_token))
     advice = [f"send at most about {fits} tokens per request (this one has {batch.num_tokens})"]
     if not checkpoint_layers:
         advice.append("create the run with gradient_checkpointing=True")
     if shape.dtype_bytes > 2:
         advice.append("load the base model in bf16 (--dtype bf16)")
     if held_gradients:
-        advice.append("call optim_step before more forward_backward calls")
-    held = f", {gib(held_gradients)} of it the gradients accumulated since the last optim_step"
+        advice.append(
+            f"call optim_step before more forward_backward calls (it frees the "
+            f"{gib(held_gradients)} of gradients accumulated since the last one)"
+        )
     raise InvalidInputError(
         "data",
         f"this request needs about {gib(needed)} on {device} for its forward and backward "
-        f"({batch.num_tokens} tokens, {dtype_name}{held if held_gradients else ''}) but "
-        f"{gib(free)} is free; " + "; or ".join(advice),
+        f"({batch.num_tokens} tokens, {dtype_name}, {gib(new_gradients)} of it the gradients "
+        f"it makes) but {gib(free)} is free; " + "; or ".join(advice),
     )
 
 

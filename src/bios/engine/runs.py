@@ -82,6 +82,8 @@ class Run(Protocol):
 
     def pending_gradient_bytes(self) -> int: ...
 
+    def gradient_bytes(self) -> int: ...
+
     def forward_backward(
         self,
         batch: PackedBatch,
@@ -195,6 +197,11 @@ class TrainingRun:
             before = accumulated[name]
             if before is not None:
                 param.grad = before if param.grad is None else before.add_(param.grad)
+
+    def gradient_bytes(self) -> int:
+        """Bytes of one set of gradients, 4 a trainable value: what a request's backward makes
+        (`request_gradients`)."""
+        return sum(param.numel() * 4 for param in self.parameters.values())
 
     def pending_gradient_bytes(self) -> int:
         """Bytes of the gradients accumulated since the last `optim_step`: a request's step
