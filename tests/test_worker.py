@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from bios.engine.worker import ModelWorker
+from bios.models.loading import load_model
 
 
 def test_lanes_keep_order_and_take_fair_turns(session_engine, llama):
@@ -115,3 +118,27 @@ def test_a_streamed_sample_reports_its_tokens_after_every_turn(session_engine, l
             assert sequence.tokens == final.tokens[:n]
             assert sequence.logprobs == final.logprobs[:n]
             assert sequence.topk_logprobs == final.topk_logprobs[:n]
+
+
+def test_stop_lets_the_running_item_finish_and_cancels_the_queue(tiny_models):
+    """What the interpreter's exit runs for every worker (`bios.engine.worker._stop_workers`),
+    before Python finalizes: the item running completes, queued items are cancelled, the thread
+    is joined, and nothing more is taken."""
+    worker = ModelWorker(load_model(tiny_models["llama"]))
+    started, gate = threading.Event(), threading.Event()
+
+    def running() -> str:
+        started.set()
+        gate.wait(timeout=30)
+        return "done"
+
+    first = worker.submit(running, lane="a")
+    queued = [worker.submit(str, i, lane=lane) for i, lane in enumerate(["a", "b", "b"])]
+    assert started.wait(timeout=30)
+    threading.Timer(0.2, gate.set).start()
+    worker.stop()
+    assert first.result(timeout=0) == "done"
+    assert all(future.cancelled() for future in queued)
+    assert not worker._thread.is_alive()
+    with pytest.raises(RuntimeError, match="shut down"):
+        worker.submit(str, 1)

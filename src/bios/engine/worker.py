@@ -10,11 +10,20 @@ Across lanes the turns are fair: a tenant that queues a hundred requests delays 
 next request by at most one of them, never by all hundred. An item that would hold the thread
 long (a big decode) runs in turns of bounded length, re-queuing its continuation first in its own
 lane (`submit(first=True)`), so one item delays the other lanes by one turn, not by its whole cost.
+
+At interpreter exit every worker is stopped and its thread joined (`stop`), before Python
+finalizes: the thread lets go of each item's work after the item's future is resolved, so the
+program may already be exiting when the last one frees its tensors, and a torch tensor freed
+while the interpreter finalizes ends its daemon thread inside C++ code, which aborts the process
+("terminate called without an active exception", SIGABRT; seen at the end of `make demo`, in 2 of
+4 runs on a 2-core machine).
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -32,6 +41,7 @@ from bios.objectives import Objective
 from bios.types import Datum
 
 T = TypeVar("T")
+_workers: weakref.WeakSet[ModelWorker] = weakref.WeakSet()
 _Item = tuple[Callable[..., object], tuple[object, ...], Future]
 
 
@@ -45,6 +55,7 @@ class ModelWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="bios-worker", daemon=True)
         self._thread.start()
+        _workers.add(self)
 
     @property
     def device(self) -> torch.device:
@@ -142,3 +153,21 @@ class ModelWorker:
             self._stopping = True
             self._ready.notify()
         self._thread.join()
+
+    def stop(self) -> None:
+        """Cancel what is queued, let the item that is running finish, then stop the thread."""
+        with self._ready:
+            self._stopping = True
+            queued = [future for items in self._lanes.values() for _, _, future in items]
+            self._lanes.clear()
+            self._ready.notify()
+        for future in queued:
+            future.cancel()
+        self._thread.join()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """Before the interpreter finalizes (see the module docstring)."""
+    for worker in list(_workers):
+        worker.stop()
