@@ -129,16 +129,10 @@ class ShardedFullRun(TrainingRun):
                 grad.mul_(coefficient.item())
         return self.adam_update(params, grad_norm)
 
-    def gradient_bytes(self) -> int:
-        """This rank's share of a set of gradients: FSDP2 keeps one shard of each a rank."""
-        return sum(4 * _local(param).numel() for param in self.parameters.values())
-
-    def pending_gradient_bytes(self) -> int:
-        return sum(
-            4 * _local(param.grad).numel()
-            for param in self.parameters.values()
-            if param.grad is not None
-        )
+    def held_values(self, tensor: torch.Tensor) -> int:
+        """This rank's shard only: FSDP2 keeps one shard of each parameter and gradient a rank
+        (a DTensor's `numel` counts the whole tensor)."""
+        return _local(tensor).numel()
 
     def fingerprint(self) -> str:
         """A hash of this rank's shards (the job's fingerprint combines every rank's)."""

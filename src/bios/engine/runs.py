@@ -178,9 +178,9 @@ class TrainingRun:
         sum, a float32 rounding apart). On any failure part-way (a GPU out of memory that the
         planner did not foresee, a backward that raises) the accumulated ones are put back as
         they were: without this, autograd would already have added part of the failed request's
-        gradients, and the next `optim_step` would apply them. Costs a second set of gradients
-        while a request runs on top of an accumulation (`pending_gradient_bytes`, which the
-        memory check counts)."""
+        gradients, and the next `optim_step` would apply them. The request's own set is new
+        memory every time (`gradient_bytes`, which the memory check counts); the accumulated
+        set (`pending_gradient_bytes`) is held beside it until the request ends."""
         if not backward:
             yield
             return
@@ -198,16 +198,21 @@ class TrainingRun:
             if before is not None:
                 param.grad = before if param.grad is None else before.add_(param.grad)
 
+    def held_values(self, tensor: torch.Tensor) -> int:
+        """How many of `tensor`'s values this process holds: all of them here (a sharded run
+        holds its shard only)."""
+        return tensor.numel()
+
     def gradient_bytes(self) -> int:
-        """Bytes of one set of gradients, 4 a trainable value: what a request's backward makes
-        (`request_gradients`)."""
-        return sum(param.numel() * 4 for param in self.parameters.values())
+        """Bytes of one set of gradients, 4 a trainable value (float32): what a request's
+        backward makes (`request_gradients`)."""
+        return sum(4 * self.held_values(param) for param in self.parameters.values())
 
     def pending_gradient_bytes(self) -> int:
-        """Bytes of the gradients accumulated since the last `optim_step`: a request's step
-        holds them a second time (`request_gradients`)."""
+        """Bytes of the gradients accumulated since the last `optim_step`, held beside a
+        request's own until it ends (`request_gradients`)."""
         return sum(
-            param.grad.numel() * param.grad.element_size()
+            self.held_values(param.grad) * param.grad.element_size()
             for param in self.parameters.values()
             if param.grad is not None
         )

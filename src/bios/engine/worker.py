@@ -157,13 +157,12 @@ class ModelWorker:
     def stop(self) -> None:
         """Cancel what is queued, let the item that is running finish, then stop the thread."""
         with self._ready:
-            self._stopping = True
+            self._stopping = True  # from here on only a running item's continuation is queued
             queued = [future for items in self._lanes.values() for _, _, future in items]
             self._lanes.clear()
-            self._ready.notify()
         for future in queued:
             future.cancel()
-        self._thread.join()
+        self.shutdown()
 
 
 @atexit.register
