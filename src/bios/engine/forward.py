@@ -14,11 +14,12 @@ linear in the logprobs (`cross_entropy`: g = −w) — each chunk's backward run
 logprobs are computed: the chunk's gradient with respect to the hidden states (tokens × hidden)
 and the unembedding's trainable parameters (the LoRA factors of `lm_head`) are kept, its logits
 are not, and nothing is recomputed later. The backward pass hands those gradients on after
-checking that the gradient it receives is g, bit for bit (`_KnownGradient`). The same operations
-as the recomputing path, one forward of the unembedding fewer (about a tenth of a step of
-SmolLM2-135M, whose unembedding is a fifth of its weights). Positions where g is zero — a chat's
-prompt, weight 0 — have a zero ∂L/∂logits, so only the others go through the unembedding's
-backward; the rest get their logprobs from a forward alone (workload b of
+checking that the gradient it receives is g, bit for bit (`_KnownGradient`). The recomputing
+path's arithmetic in fewer passes over the logits (`logprobs_and_logits_grad`), and one forward
+of the unembedding fewer (about a tenth of a step of SmolLM2-135M, whose unembedding is a fifth
+of its weights). Positions where g is zero — a chat's prompt, weight 0 — have a zero
+∂L/∂logits, so only the others go through the unembedding's backward; the rest get their
+logprobs from a forward alone (workload b of
 `benchmarks/train_throughput.py`: 32–46% of the tokens are weighted, and the unembedding's
 backward shrinks accordingly: about 3% of a step).
 
@@ -170,31 +171,57 @@ def logprobs_and_logits_grad(
     targets: torch.Tensor,
     logprob_grads: torch.Tensor,
     buffers: dict[str, torch.Tensor] | None = None,
+    by_kernel: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The target logprobs of a chunk of logits z, and ∂L/∂z for a known g = ∂L/∂logprobs:
 
-        logp_t = log_softmax(z_t)[y_t]        ∂L/∂z_t = G_t − (Σ_v G_tv)·softmax(z_t),
+        logp_t = log_softmax(z_t)[y_t]        ∂L/∂z_t = G_t − S_t·softmax(z_t),
 
-    G_t = Σ_k g_tk·e_{y_tk} (K soft targets y_t1…y_tK per position, or one). Autograd's own
-    float32 kernels, so the gradient is the one a backward through the log-softmax gives, bit for
-    bit, with fewer buffers: the log-softmax backward writes over the one-hot G it reads (each
-    element is read before it is written), where autograd allocates its output apart.
+    G_t = Σ_k g_tk·e_{y_tk} (K soft targets y_t1…y_tK per position, or one), S_t = Σ_k g_tk:
+    the float32 arithmetic of autograd's backward through the log-softmax and the gather, in
+    one of two ways (`by_kernel`; None: the first on a CPU, the second elsewhere):
 
-    The gradient is written over `logits` and returned (in their dtype, as the cast's backward
-    would give it): their values are spent once the log-softmax is taken, and the backward of a
-    linear layer never reads its output. The float32 work tensors come from `buffers` when given
-    (see `_scratch`): for a chunk of SmolLM2's 49k vocabulary each is tens of megabytes, which a
-    fresh allocation page-faults in again at every chunk."""
+    - by autograd's own kernel (`_log_softmax_backward_data`, G − exp(log_softmax)·S) over a
+      one-hot G zeroed and filled in a float32 buffer: the gradient autograd gives, bit for
+      bit. A CPU computes the kernel's exponential inside the same pass (exponentials are what
+      costs there: 7 ms a chunk of 170 × 49k against 9.5 ms the other way, on a 2-core EPYC);
+    - by the exponential: −S_t·softmax(z_t) written straight into `logits` from the
+      log-softmax (`torch.exp` in place, then the product), then G_t − S_t·softmax(z_t)[y] at
+      the K targets (a target listed twice takes both of its g). On a GPU, where such passes
+      cost the bytes they move, that is 14 bytes per (token × vocabulary) entry in bf16 and 16
+      in float32 against 26 and 20 (the buffer zeroed, the kernel's two reads of G, a copy
+      back to bf16): for 8 × 2048 tokens of Llama-3's 128k vocabulary, 25 GB less in a bf16
+      step. Its `torch.exp` differs from the kernel's vectorised exponential by a unit or two
+      of float32's last place on a CPU; rounded to bf16 the two agree.
+
+    Either way the gradient is written over `logits` and returned, in their dtype, rounded
+    once as the cast's backward would round it: their values are spent once the log-softmax is
+    taken, and the backward of a linear layer never reads its output. The float32 work
+    tensors come from `buffers` when given (see `_scratch`): for a chunk of SmolLM2's 49k
+    vocabulary each is tens of megabytes, which a fresh allocation page-faults in again at
+    every chunk."""
     index = targets if targets.dim() == 2 else targets[:, None]
     grads = logprob_grads if logprob_grads.dim() == 2 else logprob_grads[:, None]
-    gradient, log_softmax = _float_log_softmax(logits, buffers)
+    wide, log_softmax = _float_log_softmax(logits, buffers)
     logprobs = log_softmax.gather(-1, index)
-    gradient.zero_().scatter_add_(-1, index, grads)
-    torch.ops.aten._log_softmax_backward_data.out(
-        gradient, log_softmax, -1, torch.float32, out=gradient
-    )
-    if gradient is not logits:
-        logits.copy_(gradient)
+    if by_kernel if by_kernel is not None else logits.device.type == "cpu":
+        gradient = wide.zero_().scatter_add_(-1, index, grads)
+        torch.ops.aten._log_softmax_backward_data.out(
+            gradient, log_softmax, -1, torch.float32, out=gradient
+        )
+        if gradient is not logits:
+            logits.copy_(gradient)
+        return logprobs.view(targets.shape), logits
+    total = grads.sum(-1, keepdim=True)  # S_t
+    if index.shape[1] == 1:
+        one_hot = grads  # G_t at y_t
+    else:  # G_t at each y_tk: every g_tj whose target is the same token
+        same = index[:, :, None] == index[:, None, :]
+        one_hot = (same * grads[:, None, :]).sum(-1)
+    probs = log_softmax.exp_()
+    at_targets = one_hot - probs.gather(-1, index) * total
+    torch.mul(probs, total.neg(), out=logits)
+    logits.scatter_(-1, index, at_targets.to(logits.dtype))
     return logprobs.view(targets.shape), logits
 
 
