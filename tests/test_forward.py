@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bios.client.service import ServiceClient
+from bios.engine import forward
 from bios.engine.batch import (
     attention_cost,
     pack_batch,
@@ -292,12 +293,13 @@ def with_prompts(data: list[Datum], prompt_share: float) -> list[Datum]:
 
 @pytest.mark.parametrize(("loss_fn", "family"), LINEAR_CASES, ids=str)
 def test_unembedding_backward_in_the_forward_equals_full_logits(
-    loss_fn, family, tiny_models, session_engine
+    loss_fn, family, tiny_models, session_engine, monkeypatch
 ):
     """A linear objective's ∂L/∂logprobs is known before the forward: the unembedding's backward
     then runs chunk by chunk inside it. Logprobs, loss and every gradient (the LoRA factors of
     lm_head among them) equal the full-logits path's within 1e-6 (gradients: GRADIENT_TOLERANCE),
-    in float32; the Run's own step takes this path and gives the same gradients."""
+    in float32, with ∂L/∂logits formed the CPU's way and a GPU's (`KERNEL_GRADIENT_DEVICES`);
+    the Run's own step takes this path and gives the same gradients."""
     service = ServiceClient(engine=session_engine)
     client = perturbed_client(service, session_engine, tiny_models[family], seed=5)
     run = session_engine.run(client.model_id)
@@ -328,7 +330,7 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
     torch.testing.assert_close(known, -coefficient * batch.inputs["weights"], atol=0, rtol=0)
 
     results = {}
-    for path in ("full", "known", "engine"):
+    for path in ("full", "known", "known, by exp", "engine"):
         for param in run.parameters.values():
             param.grad = None
         if path == "engine":
@@ -336,7 +338,9 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
             results[path] = (None, None, grads_of(session_engine, run.run_id))
             assert float(output.metrics["loss:sum"]) == pytest.approx(float(results["full"][1]))
             continue
-        with run.model() as model:
+        with run.model() as model, monkeypatch.context() as patch:
+            if path == "known, by exp":
+                patch.setattr(forward, "KERNEL_GRADIENT_DEVICES", frozenset())
             if path == "full":
                 logprobs = gather_logprobs(batch_logits(model, batch), batch)
             else:
@@ -344,18 +348,17 @@ def test_unembedding_backward_in_the_forward_equals_full_logits(
             loss, _ = objective.fn(logprobs, batch.inputs, config)
             loss.backward()
         results[path] = (logprobs.detach(), loss.detach(), grads_of(session_engine, run.run_id))
-    (lp_full, loss_full, g_full), (lp_known, loss_known, g_known) = (
-        results["full"],
-        results["known"],
-    )
-    torch.testing.assert_close(lp_known, lp_full, atol=1e-6, rtol=0)
-    torch.testing.assert_close(loss_known, loss_full, atol=1e-6, rtol=1e-6)
+    lp_full, loss_full, g_full = results["full"]
+    for lp_known, loss_known, _ in (results["known"], results["known, by exp"]):
+        torch.testing.assert_close(lp_known, lp_full, atol=1e-6, rtol=0)
+        torch.testing.assert_close(loss_known, loss_full, atol=1e-6, rtol=1e-6)
+    known_grads = [results[path][2] for path in ("known", "known, by exp", "engine")]
     if case == "unweighted":  # every factor still gets its (zero) gradient, as autograd gives
-        for grads in (g_full, g_known, results["engine"][2]):
+        for grads in (g_full, *known_grads):
             assert all(torch.count_nonzero(g) == 0 for g in grads.values())
         return
     assert any("lm_head" in name and g.abs().sum() > 0 for name, g in g_full.items())
-    for grads in (g_known, results["engine"][2]):
+    for grads in known_grads:
         for name, grad in g_full.items():
             assert gradient_error(grads[name], grad) <= GRADIENT_TOLERANCE, name
 

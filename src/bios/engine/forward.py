@@ -56,6 +56,9 @@ from bios.models.swiglu import products_kept
 CPU_CHUNK_LOGIT_BYTES = 32 << 20
 GPU_CHUNK_LOGIT_BYTES = 256 << 20
 MIN_CHUNK_TOKENS = 64
+# Devices whose logits' gradient comes from autograd's log-softmax backward kernel; elsewhere
+# (GPUs) from the exponential of the log-softmax, in fewer passes (`logprobs_and_logits_grad`).
+KERNEL_GRADIENT_DEVICES = frozenset({"cpu"})
 
 
 def chunk_tokens_for(
@@ -179,7 +182,8 @@ def logprobs_and_logits_grad(
 
     G_t = Σ_k g_tk·e_{y_tk} (K soft targets y_t1…y_tK per position, or one), S_t = Σ_k g_tk:
     the float32 arithmetic of autograd's backward through the log-softmax and the gather, in
-    one of two ways (`by_kernel`; None: the first on a CPU, the second elsewhere):
+    one of two ways (`by_kernel`; None: the first on `KERNEL_GRADIENT_DEVICES`, the CPU, the
+    second elsewhere):
 
     - by autograd's own kernel (`_log_softmax_backward_data`, G − exp(log_softmax)·S) over a
       one-hot G zeroed and filled in a float32 buffer: the gradient autograd gives, bit for
@@ -204,7 +208,9 @@ def logprobs_and_logits_grad(
     grads = logprob_grads if logprob_grads.dim() == 2 else logprob_grads[:, None]
     wide, log_softmax = _float_log_softmax(logits, buffers)
     logprobs = log_softmax.gather(-1, index)
-    if by_kernel if by_kernel is not None else logits.device.type == "cpu":
+    if by_kernel is None:
+        by_kernel = logits.device.type in KERNEL_GRADIENT_DEVICES
+    if by_kernel:
         gradient = wide.zero_().scatter_add_(-1, index, grads)
         torch.ops.aten._log_softmax_backward_data.out(
             gradient, log_softmax, -1, torch.float32, out=gradient
