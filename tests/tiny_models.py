@@ -61,7 +61,7 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def _config(family: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast):
+def _config(family: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast, **overrides):
     common = dict(
         vocab_size=vocab_size,
         hidden_size=128,
@@ -75,6 +75,7 @@ def _config(family: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    common.update(overrides)
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False), LlamaForCausalLM
     if family == "qwen2":
@@ -84,10 +85,11 @@ def _config(family: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast):
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
-def make_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
-    """Build a tiny model of `family`, save it with its tokenizer to `folder`, return the folder."""
+def make_tiny_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """Build a tiny model of `family` (its config's sizes changed by `overrides`), save it with
+    its tokenizer to `folder`, return the folder."""
     tokenizer = make_tokenizer()
-    config, model_class = _config(family, len(tokenizer), tokenizer)
+    config, model_class = _config(family, len(tokenizer), tokenizer, **overrides)
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
     folder.mkdir(parents=True, exist_ok=True)

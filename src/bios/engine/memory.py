@@ -38,9 +38,9 @@ and on top of what is kept, the larger of two moments:
                   and lm_head's LoRA delta, the spent chunk let go; `engine/forward.py`),
                   lm_head's LoRA gradients twice (a chunk's and their running sum), and the
                   hidden states' gradient twice (the chunks' pieces, then joined), tokens · 2b·h
-    backward      a layer's MLP backward: tokens · b · (5i + 2h), the product's gradient and
-                  the two it is summed from, SiLU's recomputed output and gate's and up's
-                  gradients, and the residual stream's gradient
+    backward      a layer's MLP backward: tokens · b · (3i + 2h), the product's gradient and
+                  gate's and up's (`bios.models.swiglu` writes each over the temporary it comes
+                  from), and the residual stream's gradient
 
 What a decode batch holds at its peak (`sample_bytes`; R rows = the batch's samples, S = its most
 `max_tokens`, P_j its prompts' lengths, P the longest, c = bytes per element of the KV cache's
@@ -199,14 +199,13 @@ def step_bytes(
     # Then the larger of two moments on top of what is kept. The unembedding's chunks, at the
     # end of the forward: a chunk's logits, their log-softmax and its gradient, lm_head's LoRA
     # gradients (a chunk's and their running sum), and the hidden states' gradient (the chunks'
-    # pieces, then joined into one tensor). Or the backward of a layer's MLP: the
-    # product's gradient (and the two it is summed from), SiLU's recomputed output and the
-    # gradients of gate and up, five (tokens × intermediate) tensors at once, and the residual
-    # stream's gradient.
+    # pieces, then joined into one tensor). Or the backward of a layer's MLP: the product's
+    # gradient and the gradients of gate and up, three (tokens × intermediate) tensors at once
+    # (`SiLUMul.backward`), and the residual stream's gradient.
     chunk = min(batch.num_tokens, chunk_tokens_for(shape.vocab, batch.input_ids.device))
     logits = chunk * shape.vocab * 4 * 3 + 2 * 4 * rank * (shape.hidden + shape.vocab)
     logits += tokens * 2 * b * shape.hidden
-    backward = tokens * b * (5 * shape.intermediate + 2 * shape.hidden)
+    backward = tokens * b * (3 * shape.intermediate + 2 * shape.hidden)
     return activations + around + attention + lora + max(logits, backward)
 
 
