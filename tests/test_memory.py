@@ -3,6 +3,8 @@ a run that does not fit is refused with the numbers, before anything changes."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -178,6 +180,48 @@ def test_a_full_fine_tuning_step_counts_its_gradients(tiny_models, session_engin
         client.forward_backward(data, "cross_entropy")
     assert run.fingerprint() == before
     session_engine.drop_run(client.model_id)
+
+
+def test_a_bf16_full_fine_tuning_step_counts_the_weights_bf16_copies(
+    tiny_models, bf16_engine, monkeypatch
+):
+    """On a bf16 engine a full fine-tuning run computes under autocast from float32 weights,
+    which keeps a bf16 copy of every linear layer's weight through the step: 2 bytes a weight,
+    counted beside the step and its gradients. With them the estimate bounds the measured peak
+    of a step of 8 tokens (all but copies and gradients) and of a larger one; without them the
+    small step's peak is above it. A refusal names them, with nothing changed."""
+    client = ServiceClient(engine=bf16_engine).create_full_training_client(tiny_models["llama"])
+    run = bf16_engine.run(client.model_id)
+    linear_weights = sum(
+        m.weight.numel() for m in run.full_model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    casts = memory.weight_cast_bytes(run.full_model, torch.bfloat16)
+    assert casts == 2 * linear_weights > 0
+    assert memory.weight_cast_bytes(run.full_model, torch.float32) == 0
+    base = bf16_engine.worker_of(client.model_id).loaded.model  # bf16: a LoRA run casts nothing
+    assert memory.weight_cast_bytes(base, torch.bfloat16) == 0
+    objective = resolve_objective("cross_entropy")
+    generator = torch.Generator().manual_seed(4)
+    for count, length in ((1, 8), (8, 64)):
+        data = [random_datum(384, length, "cross_entropy", generator) for _ in range(count)]
+        batch = bf16_engine.worker_of(client.model_id).pack(data, objective)
+        step = memory.step_bytes(memory.Shape.of(run.full_model), batch, False, None)
+        for param in run.parameters.values():
+            param.grad = None
+        peak = peak_allocated(functools.partial(run.forward_backward, batch, objective, {}, True))
+        assert peak <= step + run.gradient_bytes() + casts, (peak, step, casts)
+        if count == 1:
+            assert peak > step + run.gradient_bytes()  # the copies are what the peak has more
+    for param in run.parameters.values():
+        param.grad = None
+    before = run.fingerprint()
+    free = int((step + run.gradient_bytes() + casts / 2) / memory.HEADROOM)
+    monkeypatch.setattr(memory, "free_bytes", lambda _: free)
+    with pytest.raises(InvalidInputError, match="16-bit copies under autocast") as raised:
+        client.forward_backward(data, "cross_entropy")
+    assert "bfloat16" in str(raised.value) and "--dtype bf16" not in str(raised.value)
+    assert run.fingerprint() == before
+    bf16_engine.drop_run(client.model_id)
 
 
 def test_a_run_that_does_not_fit_is_refused(tiny_models, session_engine, monkeypatch):

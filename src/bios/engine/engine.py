@@ -276,15 +276,17 @@ class Engine:
     def _check_step_fits(self, run: Run, worker: ModelWorker, batch: PackedBatch) -> None:
         """Refuse, before anything is queued, a step whose activations would not fit."""
         model = run.full_model if run.full_model is not None else worker.loaded.model
+        compute_dtype = worker.loaded.model.dtype  # a full run's autocast computes in it too
         memory.check_step_fits(
             memory.Shape.of(model),
             batch,
             self.device,
             run.checkpoint_layers,
             run.lora.rank if run.lora is not None else None,
-            str(model.dtype).removeprefix("torch."),
+            str(compute_dtype).removeprefix("torch."),
             new_gradients=run.gradient_bytes(),
             held_gradients=run.pending_gradient_bytes(),
+            weight_casts=memory.weight_cast_bytes(model, compute_dtype),
         )
 
     def _reference_adapter(self, run: Run, reference: str | None) -> LoRAAdapter | None:

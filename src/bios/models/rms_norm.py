@@ -96,7 +96,8 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: r as a function of x, inside the graph
             return _plain_backward(ctx, grad, x, weight, _scale(_wide(x), ctx.eps))
-        if _wide(x) is x:  # float32 (or float64): x_f is x, there is no copy to spare
+        if torch.promote_types(x.dtype, torch.float32) == x.dtype:
+            # float32 (or float64): x_f is x itself, there is no copy to spare
             return _plain_backward(ctx, grad, x, weight, scale)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
