@@ -31,10 +31,10 @@ export PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python3 benchmarks/gpu_check.py --json "$out/gpu_check.json" >"$out/gpu_check.log" 2>&1
 status=$?
-python3 benchmarks/profile_step.py --shape Llama-3.2-1B >"$out/profile_1b.log" 2>&1
+python3 benchmarks/profile_step.py --shape Llama-3.2-1B --ablations >"$out/profile_1b.log" 2>&1
 python3 benchmarks/profile_step.py --shape Llama-3.2-1B --side plain >"$out/profile_1b_plain.log" 2>&1
 python3 benchmarks/profile_step.py --shape Llama-3.1-8B >"$out/profile_8b.log" 2>&1
 # The check's table (its lines from the header on), and the profiles' summary lines.
 sed -n '/^Bios GPU check/,$p' "$out/gpu_check.log"
-grep -h -E "^(bios|plain):|^memory:|^saved for|^step " "$out"/profile_*.log
+grep -h -E "^(bios|plain):|^memory:|^saved for|^step |^ablation:" "$out"/profile_*.log
 exit $status

@@ -5,23 +5,29 @@ of a catalog shape (`gpu_check.py`'s shapes and data), one step under `torch.pro
 
     python benchmarks/profile_step.py --side plain --micro 4  # the plain transformers + peft loop
     python benchmarks/profile_step.py --allow-cpu --tiny      # its code on the CPU, a tiny model
+    python benchmarks/profile_step.py --ablations              # and each change undone in turn
 
 Prints the operators (with their input shapes) by the GPU time of the kernels each launched, the
 kernels by their GPU time, and the step's wall time, split into `forward_backward` and
 `optim_step`, against the GPU's busy time (the kernels' total); for Bios first the memory
 planner's estimate of the step against its peak and against what autograd saves (the largest
-groups by shape). Needs a CUDA GPU (refused with exit status 2 otherwise; `--allow-cpu --tiny`
-debugs the script itself); on the project's H200 machine carry pydantic's wheels as
-`gpu_check.py` says.
+groups by shape). With `--ablations`, Bios's step is timed again with each of the changes
+that cut its passes over memory undone in turn (`ABLATIONS`: the LoRA backward's sum inside a
+GEMM, the logits' gradient by the exponential, the fused RMSNorm), each against the step with
+all of them, in the same process: written without a GPU to measure them on, this says what each
+gives. Needs a CUDA GPU (refused with exit status 2 otherwise; `--allow-cpu --tiny` debugs the
+script itself); on the project's H200 machine carry pydantic's wheels as `gpu_check.py` says.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 from gpu_check import (
     BETAS,
@@ -46,11 +52,47 @@ from gpu_check import (
 )
 
 
+@contextlib.contextmanager
+def lora_backward_by_autograd(model) -> Iterator[None]:
+    """No `AdaptedLinear`: autograd sums the adapted layers' two input-gradient terms."""
+    with mock.patch("bios.models.lora.frozen_linear_weight", lambda module: None):
+        yield
+
+
+@contextlib.contextmanager
+def logits_gradient_by_kernel(model) -> Iterator[None]:
+    """The logits' gradient by autograd's log-softmax backward kernel, as on the CPU."""
+    with mock.patch("bios.engine.forward.KERNEL_GRADIENT_DEVICES", frozenset({"cpu", "cuda"})):
+        yield
+
+
+@contextlib.contextmanager
+def rms_norms_unfused(model) -> Iterator[None]:
+    """transformers' own RMSNorm, under autograd (the fused one's instance forwards taken off)."""
+    from bios.models.rms_norm import fuse_rms_norms, is_fused
+
+    fused = [module for module in model.modules() if is_fused(module)]
+    for module in fused:
+        del module.forward  # the instance attribute: the class's forward shows again
+    try:
+        yield
+    finally:
+        fuse_rms_norms(model)
+
+
+ABLATIONS = {
+    "LoRA backward by autograd": lora_backward_by_autograd,
+    "logits gradient by kernel": logits_gradient_by_kernel,
+    "RMSNorm unfused": rms_norms_unfused,
+}
+
+
 def bios_step(
     folder: Path, workdir: Path, tokens, device: str
-) -> Callable[[], tuple[float, float]]:
-    """Bios's step: `forward_backward` then `optim_step`, each timed to its end on the GPU. Also
-    prints the memory planner's estimate of the step against its measured peak."""
+) -> tuple[Callable[[], tuple[float, float]], torch.nn.Module]:
+    """Bios's step: `forward_backward` then `optim_step`, each timed to its end on the GPU, and
+    the base model it runs on. Also prints the memory planner's estimate of the step against
+    its measured peak."""
     from bios.client.service import ServiceClient
     from bios.engine import memory
     from bios.engine.batch import resolve_config, resolve_objective
@@ -113,7 +155,15 @@ def bios_step(
         synchronize()
         return middle - start, time.perf_counter() - middle
 
-    return step
+    return step, model
+
+
+def median_times(step: Callable[[], tuple[float, float]]) -> tuple[float, float]:
+    """(forward_backward, optim_step): the medians of 3 timed steps after 2 untimed ones."""
+    for _ in range(2):
+        step()
+    timings = [step() for _ in range(3)]
+    return sorted(t[0] for t in timings)[1], sorted(t[1] for t in timings)[1]
 
 
 def plain_step(folder: Path, tokens, micro: int, device: str) -> Callable[[], tuple[float, float]]:
@@ -179,6 +229,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro", type=int, help="the plain loop's micro-batch (default: all)")
     parser.add_argument("--rows", type=int, default=30, help="table rows")
+    parser.add_argument(
+        "--ablations", action="store_true", help="Bios: time the step with each change undone"
+    )
     args = parser.parse_args()
     cuda = torch is not None and torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
@@ -198,15 +251,12 @@ def main() -> None:
         free_memory()
         generator = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, shape["vocab_size"], (batch, seq + 1), generator=generator)
+        model = None
         if args.side == "bios":
-            step = bios_step(folder, Path(workdir), tokens, device)
+            step, model = bios_step(folder, Path(workdir), tokens, device)
         else:
             step = plain_step(folder, tokens, args.micro or batch, device)
-        for _ in range(2):
-            step()
-        timings = [step() for _ in range(3)]
-        forward_backward = sorted(t[0] for t in timings)[1]
-        optim = sorted(t[1] for t in timings)[1]
+        forward_backward, optim = median_times(step)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities, record_shapes=True) as profiler:
             step()
@@ -221,6 +271,16 @@ def main() -> None:
             f"{optim:.3f} s; GPU busy in the profiled step {busy:.3f} s (kernels' own time), "
             f"{busy / (forward_backward + optim):.0%} of the step"
         )
+        if args.ablations and model is not None:
+            print("\nablations (each change undone alone; forward_backward, median of 3):")
+            for what, undone in ABLATIONS.items():
+                with undone(model):
+                    time_without, _ = median_times(step)
+                ratio = time_without / forward_backward
+                print(
+                    f"ablation: {what}: {time_without:.3f} s, {ratio:.3f}x the step with every "
+                    f"change ({forward_backward:.3f} s)"
+                )
 
 
 if __name__ == "__main__":
