@@ -206,6 +206,35 @@ def test_the_product_is_freed_when_the_mlp_returns():
     assert mlp.down_proj.weight.grad.abs().sum() > 0
 
 
+def silu_calls(fn) -> int:
+    """How many SiLU kernels (aten::silu, out of place) `fn()` ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        fn()
+    return sum(event.count for event in profiler.key_averages() if event.key == "aten::silu")
+
+
+def test_the_backward_takes_silu_from_the_products_recomputation():
+    """The down projection's backward recomputes the product, silu(gate) · up, and `SiLUMul`'s
+    backward then takes that silu(gate) instead of computing it again: one SiLU in the
+    backward, not two (the plain MLP's backward, which kept silu(gate), runs none), with the
+    gradients of the plain MLP bit for bit."""
+    config = tiny(LlamaConfig)
+    mlp = LlamaForCausalLM(config).model.layers[0].mlp
+    reference = copy.deepcopy(mlp)
+    fuse_swiglu_mlps(mlp)
+    x = torch.randn(2, 5, config.hidden_size)
+    grads = []
+    for module, backward_silus in ((reference, 0), (mlp, 1)):
+        xx = x.clone().requires_grad_()
+        out = module(xx)
+        assert silu_calls(lambda out=out: out.sum().backward()) == backward_silus
+        grads.append([xx.grad, *(p.grad for p in module.parameters())])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert torch.equal(got, want)
+
+
 def test_the_recomputed_product_survives_a_double_backward():
     config = tiny(LlamaConfig)
     mlp = LlamaForCausalLM(config).model.layers[0].mlp.double()
