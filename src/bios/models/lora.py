@@ -166,12 +166,7 @@ class LoRAAdapter(nn.Module):
         if frozen_weight is not None and torch.is_grad_enabled():
             # The base layer's own backward is dropped with its graph (`output.detach()`).
             return AdaptedLinear.apply(x, output.detach(), frozen_weight, a, b, self.scale)
-        scaled = F.linear(x, a) * self.scale  # the rank-r intermediate, as in `delta`
-        flat = torch.addmm(output.reshape(-1, b.shape[0]), scaled.reshape(-1, b.shape[1]), b.t())
-        # A 2-D output (lm_head's, chunk by chunk) stays a tensor of its own, not a view: the
-        # chunked unembedding writes its gradient over it, and a view written to without
-        # gradients would have autograd replay it as an as_strided copy in the backward.
-        return flat if flat.dim() == output.dim() else flat.view(output.shape)
+        return _with_delta(x, output, a, b, self.scale)[0]
 
     def merged_weight(self, module_name: str) -> torch.Tensor:
         """ΔW = (α/r) · B A, the update this adapter adds to the base weight."""
@@ -239,6 +234,20 @@ class LoRAAdapter(nn.Module):
         return adapter if device is None else adapter.to(device)
 
 
+def _with_delta(
+    x: torch.Tensor, output: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`output` + s · (x Aᵀ) Bᵀ, the rank-r s · x Aᵀ): the product by B and the sum in one
+    GEMM (`torch.addmm`, β = 1), the scale on the rank-r intermediate, not the full-width
+    output (a pass over it saved). A, B in x's dtype."""
+    scaled = F.linear(x.reshape(-1, x.shape[-1]), a) * scale
+    result = torch.addmm(output.reshape(-1, b.shape[0]), scaled, b.t())
+    # A 2-D output (lm_head's, chunk by chunk) stays a tensor of its own, not a view: the
+    # chunked unembedding writes its gradient over it, and a view written to without gradients
+    # would have autograd replay it as an as_strided copy in the backward.
+    return (result if result.dim() == output.dim() else result.view(output.shape)), scaled
+
+
 class AdaptedLinear(torch.autograd.Function):
     """y = o + s · (x Aᵀ) Bᵀ for o = x Wᵀ (+ bias), the output of a layer whose W and bias are
     frozen, with a backward that gives x its whole gradient in one sum:
@@ -268,13 +277,10 @@ class AdaptedLinear(torch.autograd.Function):
         b: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        scaled = F.linear(flat, a) * scale
-        result = torch.addmm(output.reshape(-1, b.shape[0]), scaled, b.t())
+        result, scaled = _with_delta(x, output, a, b, scale)
         ctx.save_for_backward(x, scaled, weight, a, b)
         ctx.scale = scale
-        # A 2-D output stays a tensor of its own, not a view (see `LoRAAdapter.add_delta`).
-        return result if result.dim() == output.dim() else result.view(output.shape)
+        return result
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

@@ -111,9 +111,18 @@ class RMSNormFunction(torch.autograd.Function):
             through_scale = (grad_mean / x.shape[-1]) * 2.0  # d(mean x_f²)/dx_f = 2x_f / h
             grad_x = torch.addcmul(torch.mul(g, scale), x, through_scale, out=torch.empty_like(x))
         if ctx.needs_input_grad[1]:
-            product = grad * torch.mul(x, scale, out=torch.empty_like(x))
-            grad_weight = product.sum(tuple(range(product.dim() - 1))).to(weight.dtype)
+            grad_weight = _weight_gradient(
+                grad, torch.mul(x, scale, out=torch.empty_like(x)), weight
+            )
         return grad_x, grad_weight, None
+
+
+def _weight_gradient(
+    grad: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """dw = Σ grad · round(x̂) over every dimension but the last, in the weight's dtype."""
+    product = grad * normed
+    return product.sum(tuple(range(product.dim() - 1))).to(weight.dtype)
 
 
 def _plain_backward(
@@ -130,8 +139,7 @@ def _plain_backward(
         grad_mean = (-0.5 * grad_scale) * scale.pow(3)
         grad_x = (g * scale + (grad_mean / x.shape[-1]) * (2.0 * wide)).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        product = grad * (wide * scale).to(x.dtype)
-        grad_weight = product.sum(tuple(range(product.dim() - 1))).to(weight.dtype)
+        grad_weight = _weight_gradient(grad, (wide * scale).to(x.dtype), weight)
     return grad_x, grad_weight, None
 
 
